@@ -1,0 +1,63 @@
+"""Independent reference computations the tests compare the engine against."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from tilewise.models.registry import TilingFacts
+
+
+def whole_image(
+    model: nn.Module, image: np.ndarray, facts: TilingFacts, *, pad_mode: str = "reflect",
+    pad_value: float = 0.0,
+) -> np.ndarray:
+    """Whole-image inference on the mirror-padded image, in one forward pass.
+
+    The image is padded on the left/top by the smallest P >= halo with P == margin (mod stride)
+    (the overlap-tile strategy of U-Net: pad, then one valid forward), on the right/bottom to a
+    valid input size with at least the halo, and the output is cropped back to the image.
+    """
+    assert facts.halo is not None
+    s, m = facts.stride, facts.margin
+    p = next(q for q in range(facts.halo, facts.halo + s) if (q - m) % s == 0)
+    _, h, w = image.shape
+    ny = facts.size_rule.ceil(p + h + facts.halo)
+    nx = facts.size_rule.ceil(p + w + facts.halo)
+    widths = ((0, 0), (p, ny - p - h), (p, nx - p - w))
+    if pad_mode == "constant":
+        padded = np.pad(image, widths, mode="constant", constant_values=pad_value)
+    else:
+        padded = np.pad(image, widths, mode=pad_mode)
+    dtype = next(model.parameters()).dtype
+    model.eval()
+    with torch.inference_mode():
+        out = model(torch.from_numpy(padded).to(dtype)[None])[0].float().numpy()
+    off = p - m
+    return out[:, off : off + h, off : off + w]
+
+
+class PoolNet(nn.Module):
+    """A small user-supplied same-padded conv net with pooling (total stride 2**pools)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 2, pools: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for _ in range(pools):
+            layers += [nn.Conv2d(c, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            c = 6
+        layers += [nn.Conv2d(c, 6, 3, padding=1), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.up = nn.ConvTranspose2d(6, 6, 2**pools, stride=2**pools)
+        self.head = nn.Conv2d(6 + in_channels, num_classes, 3, padding=1)
+        self.pools = pools
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.up(self.body(x)), x], dim=1))
+
+    def halo(self) -> int:
+        """Receptive-field radius: 3x3 convs at each scale plus the pooling phase."""
+        s = 2**self.pools
+        return sum(2**k for k in range(self.pools)) + s + (s - 1) + 1
