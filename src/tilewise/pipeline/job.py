@@ -1,0 +1,188 @@
+"""Everything a predict job needs before any pixel is computed, shared by driver and workers.
+
+:func:`prepare` opens the input, checks it against the network, and plans windows and write units.
+It creates nothing, so a job that fails here leaves no output behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tilewise import models
+from tilewise.errors import ConfigError, InputError, PlanError
+from tilewise.models.registry import TilingFacts
+from tilewise.pipeline.engine import TilePlan
+from tilewise.pipeline.output import OutputLayout, fingerprint_of
+from tilewise.pipeline.stores import InputImage
+from tilewise.pipeline.units import UnitGrid
+from tilewise.spec import PredictJob
+
+__all__ = ["Normalizer", "PreparedJob", "build_model", "default_chunk", "prepare"]
+
+_AUTO_SCALE = {np.dtype("uint8"): 1 / 255, np.dtype("uint16"): 1 / 65535}
+
+
+class Normalizer:
+    """Raw pixels -> network input: ``(x * scale - mean) / std`` per band, in float32."""
+
+    def __init__(self, job: PredictJob, dtype: np.dtype, channels: int) -> None:
+        spec = job.input.normalize
+        self.scale = float(_AUTO_SCALE.get(dtype, 1.0) if spec.scale == "auto" else spec.scale)
+        self.mean = self._per_band(spec.mean, channels, "mean", 0.0)
+        self.std = self._per_band(spec.std, channels, "std", 1.0)
+
+    @staticmethod
+    def _per_band(values: list[float] | None, channels: int, name: str, default: float) -> np.ndarray:
+        if values is None:
+            values = [default]
+        if len(values) not in (1, channels):
+            raise InputError(
+                f"input.normalize.{name} needs 1 or {channels} values (one per band); got "
+                f"{len(values)}."
+            )
+        return np.asarray(values, np.float32).reshape(-1, 1, 1)
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        x = block.astype(np.float32) * np.float32(self.scale)
+        return (x - self.mean) / self.std
+
+
+def default_chunk(tile: int) -> int:
+    """Output chunk side: the tile times the smallest factor reaching 1024 px.
+
+    Large write units amortise each unit's halo read and fill batches of several windows.
+    """
+    return tile * max(1, -(-1024 // tile))
+
+
+@dataclass
+class PreparedJob:
+    """A checked job: its input, network facts, window plan and write units."""
+
+    job: PredictJob
+    image: InputImage
+    facts: TilingFacts
+    in_channels: int
+    plan: TilePlan
+    grid: UnitGrid
+    layout: OutputLayout
+    normalizer: Normalizer
+
+    @property
+    def fingerprint(self) -> str:
+        """Digest of the settings that determine the output bytes (resume guard)."""
+        job = self.job
+        weights = job.model.weights
+        stamp: Any = None
+        if weights and Path(weights).exists():
+            st = Path(weights).stat()
+            stamp = [st.st_size, st.st_mtime_ns]
+        return fingerprint_of({
+            "input": job.input.model_dump(exclude={"storage_options"}),
+            "model": job.model.model_dump(),
+            "weights": stamp,
+            "tiling": job.tiling.model_dump(exclude={"batch_size"}),
+            "output": job.output.model_dump(exclude={"overwrite", "storage_options", "path"}),
+        })
+
+
+def prepare(job: PredictJob) -> PreparedJob:
+    """Open and check everything; create nothing."""
+    i, m, t, o = job.input, job.model, job.tiling, job.output
+    image = InputImage(
+        i.path, array=i.array, level=i.level, axes=i.axes, storage_options=i.storage_options
+    )
+    channels, height, width = image.shape
+    if m.in_channels is not None and m.in_channels != channels:
+        raise InputError(
+            f"the model takes {m.in_channels} input channels (model.in_channels) but the input "
+            f"has {channels} (axes {image.axes}, shape {tuple(image.array.shape)}). Set "
+            f"model.in_channels: {channels}, or check input.axes."
+        )
+    if o.labels == "uint8" and m.num_classes > 256:
+        raise ConfigError(
+            f"output.labels uint8 holds at most 256 classes; got num_classes {m.num_classes}. "
+            f"Use labels: uint16."
+        )
+    facts = models.facts(m.arch, in_channels=channels, num_classes=m.num_classes, **m.args)
+    plan = TilePlan.build(
+        facts, height=height, width=width, tile=t.tile, halo=t.halo, stitch=t.stitch,
+        pad_mode=t.pad_mode, pad_value=t.pad_value, arch=m.arch,
+    )
+    chunk = o.chunk or default_chunk(plan.y.tile if max(height, width) < t.tile else t.tile)
+    if chunk % t.tile and chunk >= t.tile:
+        lower = chunk // t.tile * t.tile
+        raise PlanError(
+            f"output.chunk ({chunk}) must be a multiple of the tile ({t.tile}) so that no window "
+            f"is computed twice; got {chunk}. Use chunk: {lower} or {lower + t.tile}."
+        )
+    if o.shard is not None and o.shard % chunk:
+        lower = max(chunk, o.shard // chunk * chunk)
+        raise PlanError(
+            f"output.shard ({o.shard}) must be a multiple of the chunk ({chunk}); got "
+            f"{o.shard}. Use shard: {lower} or {lower + chunk}."
+        )
+    layout = OutputLayout(
+        height=height, width=width, num_classes=m.num_classes, chunk=chunk, shard=o.shard,
+        labels=o.labels, probabilities=o.probabilities, compressor=o.compressor,
+        scale=image.scale, class_names=m.class_names,
+    )
+    grid = UnitGrid(height, width, o.shard or chunk)
+    return PreparedJob(job, image, facts, channels, plan, grid, layout,
+                       Normalizer(job, image.dtype, channels))
+
+
+def build_model(job: PredictJob, in_channels: int) -> nn.Module:
+    """The job's network with its weights: loaded from ``model.weights``, or seeded.
+
+    Seeding makes every actor build the same weights, so the output does not depend on which
+    actor computed which unit.
+    """
+    m = job.model
+    torch.manual_seed(m.seed)
+    model = models.create(m.arch, in_channels=in_channels, num_classes=m.num_classes, **m.args)
+    if m.weights:
+        state = _load_state(m.weights)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0:2]
+            raise ConfigError(
+                f"weights '{m.weights}' do not fit arch '{m.arch}' with {in_channels} input "
+                f"channels and {m.num_classes} classes: {' '.join(first)}"
+            ) from None
+    return model.eval()
+
+
+def _load_state(location: str) -> dict[str, torch.Tensor]:
+    import io
+
+    import fsspec
+
+    if not Path(location).exists() and "://" not in location:
+        raise ConfigError(f"model.weights '{location}' does not exist.")
+    try:
+        with fsspec.open(location, "rb") as fh:
+            data = fh.read()
+        if location.endswith(".safetensors"):
+            from safetensors.torch import load
+
+            state: Any = load(data)
+        else:
+            # weights_only: never unpickle arbitrary objects from a weights file.
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # any reader error means: not a readable weights file
+        raise ConfigError(
+            f"model.weights '{location}' cannot be read as a state dict "
+            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}). "
+            f"Give a .safetensors file or a torch state dict saved with torch.save."
+        ) from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"model.weights '{location}' does not hold a state dict.")
+    return state

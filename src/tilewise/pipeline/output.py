@@ -1,0 +1,215 @@
+"""The output store: OME-Zarr label and probability images, written one unit at a time.
+
+Layout of ``out.zarr``::
+
+    zarr.json                  group; attributes["tilewise"]: job, fingerprint, status, report
+    labels/                    OME-Zarr image (axes y, x): class per pixel
+    labels/0                   uint8 / uint16 array
+    probabilities/             OME-Zarr image (axes c, y, x)
+    probabilities/0            float16 / uint8 array
+    .tilewise/done/<unit>      completion record: one empty object per finished unit
+
+A unit's arrays are written first and its marker last, so a marker always means "this unit's bytes
+are complete" (a crash between the two only costs a recomputation of the same bytes).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from tilewise.errors import OutputExistsError
+from tilewise.pipeline.engine import Unit
+from tilewise.pipeline.postprocess import labels_from_scores, probabilities_from_scores
+from tilewise.pipeline.stores import _storage, is_url, local_path
+
+__all__ = ["OutputLayout", "OutputStore"]
+
+STATUS_RUNNING = "running"
+STATUS_COMPLETE = "complete"
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """What to create: shape, chunking and the arrays wanted."""
+
+    height: int
+    width: int
+    num_classes: int
+    chunk: int
+    shard: int | None
+    labels: str | None
+    probabilities: str | None
+    compressor: str
+    scale: list[float] | None = None
+    class_names: list[str] | None = None
+
+
+def _compressors(name: str) -> Any:
+    if name == "zstd":
+        return ZstdCodec(level=3)
+    if name == "blosc-lz4":
+        return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+    return None
+
+
+def _ome_image(name: str, axes: list[dict[str, str]], scale: list[float] | None) -> dict[str, Any]:
+    spatial = scale or [1.0, 1.0]
+    full = [1.0] * (len(axes) - 2) + list(spatial)
+    return {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "name": name,
+                "axes": axes,
+                "datasets": [
+                    {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": full}]}
+                ],
+            }
+        ],
+    }
+
+
+class OutputStore:
+    """An output store opened for writing units (one per actor, one for the driver)."""
+
+    def __init__(self, location: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.location = local_path(location).rstrip("/")
+        self.storage_options = storage_options or {}
+        self.fs, self.path = fsspec.core.url_to_fs(self.location, **self.storage_options)
+        self._group: Any = None
+
+    # -- lifecycle (driver) ------------------------------------------------------------------
+    def state(self) -> dict[str, Any] | None:
+        """The ``tilewise`` attributes of an existing output, ``{}`` for a foreign store, or None."""
+        if not self.fs.exists(self.path):
+            return None
+        try:
+            group = zarr.open_group(
+                store=self.location, mode="r", **_storage(self.location, self.storage_options)
+            )
+        except (FileNotFoundError, KeyError, ValueError, TypeError):
+            return {}
+        return dict(group.attrs.get("tilewise", {}))
+
+    def prepare(
+        self, layout: OutputLayout, *, fingerprint: str, job: dict[str, Any],
+        carried: dict[str, Any], overwrite: bool,
+    ) -> bool:
+        """Create the output, or reopen it to resume; return whether it is being resumed.
+
+        An existing output made by a different job (another fingerprint) or not by tilewise is
+        never touched unless ``overwrite``.
+        """
+        state = self.state()
+        if state is not None and not overwrite:
+            if state.get("fingerprint") == fingerprint:
+                self._group = zarr.open_group(
+                    store=self.location, mode="r+", **_storage(self.location, self.storage_options)
+                )
+                return True
+            owner = "a different job" if state else "something other than tilewise"
+            raise OutputExistsError(
+                f"output '{self.location}' exists and was written by {owner}; it is left as it "
+                f"is. Use --overwrite (or output.overwrite: true) to replace it, or choose "
+                f"another output.path."
+            )
+        if state is not None:
+            self.fs.rm(self.path, recursive=True)
+        self._create(layout, fingerprint=fingerprint, job=job, carried=carried)
+        return False
+
+    def _create(
+        self, layout: OutputLayout, *, fingerprint: str, job: dict[str, Any],
+        carried: dict[str, Any],
+    ) -> None:
+        root = zarr.open_group(
+            store=self.location, mode="w", **_storage(self.location, self.storage_options)
+        )
+        chunks = (layout.chunk, layout.chunk)
+        shards = (layout.shard, layout.shard) if layout.shard else None
+        yx = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+        if layout.labels:
+            g = root.create_group("labels")
+            g.attrs.update({"ome": _ome_image("labels", yx, layout.scale), **carried})
+            g.create_array(
+                "0", shape=(layout.height, layout.width), chunks=chunks, shards=shards,
+                dtype=layout.labels, compressors=_compressors(layout.compressor), fill_value=0,
+                dimension_names=("y", "x"),
+            )
+        if layout.probabilities:
+            k = layout.num_classes
+            g = root.create_group("probabilities")
+            cyx = [{"name": "c", "type": "channel"}, *yx]
+            g.attrs.update({"ome": _ome_image("probabilities", cyx, layout.scale), **carried})
+            g.create_array(
+                "0", shape=(k, layout.height, layout.width), chunks=(k, *chunks),
+                shards=(k, *shards) if shards else None, dtype=layout.probabilities,
+                compressors=_compressors(layout.compressor), fill_value=0,
+                dimension_names=("c", "y", "x"),
+            )
+        root.attrs["tilewise"] = {
+            "fingerprint": fingerprint,
+            "status": STATUS_RUNNING,
+            "job": job,
+            "class_names": layout.class_names,
+            **carried,
+        }
+        self._group = root
+
+    def finish(self, report: dict[str, Any]) -> None:
+        """Mark the output complete (only after every unit is done) and store the report."""
+        group = self.group()
+        state = dict(group.attrs["tilewise"])
+        state.update(status=STATUS_COMPLETE, report=report)
+        group.attrs["tilewise"] = state
+
+    # -- units (workers) ---------------------------------------------------------------------
+    def group(self) -> Any:
+        """The root group, opened read-write."""
+        if self._group is None:
+            self._group = zarr.open_group(
+                store=self.location, mode="r+", **_storage(self.location, self.storage_options)
+            )
+        return self._group
+
+    def write_unit(self, unit: Unit, scores: np.ndarray) -> None:
+        """Write one unit's labels and/or probabilities: whole chunks/shards, once each."""
+        group = self.group()
+        ys, xs = slice(unit.y0, unit.y1), slice(unit.x0, unit.x1)
+        if "labels" in group:
+            arr = group["labels/0"]
+            arr[ys, xs] = labels_from_scores(scores, str(arr.dtype))
+        if "probabilities" in group:
+            arr = group["probabilities/0"]
+            arr[:, ys, xs] = probabilities_from_scores(scores, str(arr.dtype))
+        self._mark(unit.index)
+
+    def _done_dir(self) -> str:
+        return f"{self.path}/.tilewise/done"
+
+    def _mark(self, index: int) -> None:
+        if not is_url(self.location):
+            self.fs.makedirs(self._done_dir(), exist_ok=True)
+        self.fs.pipe_file(f"{self._done_dir()}/{index}", b"")
+
+    def done_units(self) -> set[int]:
+        """Indices of the units recorded as finished."""
+        try:
+            names = self.fs.ls(self._done_dir(), detail=False)
+        except FileNotFoundError:
+            return set()
+        return {int(str(n).rstrip("/").rsplit("/", 1)[-1]) for n in names}
+
+
+def fingerprint_of(parts: dict[str, Any]) -> str:
+    """A stable digest of the job settings that determine the output bytes."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

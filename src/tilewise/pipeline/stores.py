@@ -1,0 +1,186 @@
+"""Input images from Zarr: arrays, groups, OME-Zarr multiscale levels, by path or fsspec URI."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+
+from tilewise.errors import InputError, StoreNotFoundError
+
+__all__ = ["Axes", "InputImage", "is_url", "local_path"]
+
+Axes = Literal["cyx", "yxc", "yx"]
+_AXIS_ALIASES = {"c": "c", "band": "c", "bands": "c", "channel": "c", "y": "y", "x": "x"}
+
+
+def is_url(location: str) -> bool:
+    """Whether ``location`` is an fsspec URL (``s3://...``) rather than a local path."""
+    return "://" in location
+
+
+def local_path(location: str) -> str:
+    """``file://`` URLs as plain paths (zarr-python #2808: creating through file:// fails)."""
+    return location[len("file://") :] if location.startswith("file://") else location
+
+
+def _storage(location: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    # zarr refuses storage_options for local paths.
+    return {"storage_options": options} if options and is_url(location) else {}
+
+
+def open_node(location: str, mode: str, options: dict[str, Any] | None, what: str) -> Any:
+    """Open a Zarr array or group; a missing store becomes a :class:`StoreNotFoundError`."""
+    location = local_path(location)
+    try:
+        return zarr.open(store=location, mode=mode, **_storage(location, options))  # type: ignore[arg-type]
+    except (FileNotFoundError, KeyError) as exc:
+        raise StoreNotFoundError(
+            f"{what} '{location}' does not exist or is not a Zarr store ({type(exc).__name__}). "
+            f"Check the path, or create it first (e.g. `tilewise demo` or `tilewise ingest`)."
+        ) from None
+
+
+def _ome_multiscales(attrs: dict[str, Any]) -> list[dict[str, Any]] | None:
+    ome = attrs.get("ome")
+    if isinstance(ome, dict) and "multiscales" in ome:  # NGFF 0.5
+        return list(ome["multiscales"])
+    if "multiscales" in attrs:  # NGFF 0.4
+        return list(attrs["multiscales"])
+    return None
+
+
+def _axes_from_names(names: list[str] | None) -> str | None:
+    if not names or any(n is None for n in names):
+        return None
+    mapped = [_AXIS_ALIASES.get(str(n).lower()) for n in names]
+    if None in mapped:
+        return None
+    axes = "".join(m for m in mapped if m)
+    return axes if axes in ("cyx", "yxc", "yx") else None
+
+
+class InputImage:
+    """A (C, H, W) view of a Zarr array, read block by block.
+
+    Args:
+        location: local path or fsspec URI of a Zarr array or group.
+        array: path of the array inside a group.
+        level: OME-Zarr multiscale level (0 = full resolution).
+        axes: ``cyx``, ``yxc`` or ``yx``; read from the OME-Zarr axes or the array's
+            dimension names when omitted.
+        storage_options: fsspec options (credentials, endpoints) for URLs.
+    """
+
+    def __init__(
+        self,
+        location: str,
+        *,
+        array: str | None = None,
+        level: int = 0,
+        axes: Axes | None = None,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.location = local_path(location)
+        node = open_node(self.location, "r", storage_options, "input store")
+        self.scale: list[float] | None = None  # physical pixel size (y, x) from OME-Zarr
+        self.group_attrs: dict[str, Any] = {}
+        meta_axes: str | None = None
+        if isinstance(node, zarr.Group):
+            self.group_attrs = dict(node.attrs)
+            multiscales = _ome_multiscales(self.group_attrs)
+            if array is not None:
+                node = self._child(node, array)
+            elif multiscales:
+                node, meta_axes = self._level(node, multiscales[0], level)
+            else:
+                arrays = sorted(name for name, _ in node.arrays())
+                raise InputError(
+                    f"input '{self.location}' is a Zarr group, not an image; name the array with "
+                    f"input.array (arrays in it: {', '.join(arrays) or 'none'})."
+                )
+        elif level != 0:
+            raise InputError(
+                f"input.level ({level}) needs an OME-Zarr multiscale group, but "
+                f"'{self.location}' is a single array; remove input.level."
+            )
+        self.array = node
+        self.array_attrs = dict(node.attrs)
+        names = getattr(node.metadata, "dimension_names", None)
+        detected = meta_axes or _axes_from_names(list(names) if names else None)
+        ndim = len(node.shape)
+        if axes is None:
+            if detected is None:
+                if ndim != 2:
+                    raise InputError(
+                        f"cannot tell the axes of the {ndim}-D input {tuple(node.shape)} from its "
+                        f"metadata; set input.axes to 'cyx' (bands first) or 'yxc' (bands last)."
+                    )
+                detected = "yx"
+            axes = detected  # type: ignore[assignment]
+        assert axes is not None
+        if len(axes) != ndim:
+            raise InputError(
+                f"input.axes '{axes}' has {len(axes)} axes but the input array has {ndim} "
+                f"dimensions (shape {tuple(node.shape)}); use "
+                f"{'cyx or yxc' if ndim == 3 else 'yx' if ndim == 2 else 'an array with 2 or 3 dimensions'}."
+            )
+        self.axes: Axes = axes
+        shape = tuple(int(n) for n in node.shape)
+        if axes == "cyx":
+            self._shape = shape
+        elif axes == "yxc":
+            self._shape = (shape[2], shape[0], shape[1])
+        else:
+            self._shape = (1, shape[0], shape[1])
+        self.dtype = np.dtype(node.dtype)
+
+    def _child(self, group: Any, path: str) -> Any:
+        try:
+            node = group[path]
+        except KeyError:
+            arrays = sorted(name for name, _ in group.arrays())
+            raise StoreNotFoundError(
+                f"array '{path}' (input.array) does not exist in '{self.location}'; "
+                f"arrays there: {', '.join(arrays) or 'none'}."
+            ) from None
+        if not isinstance(node, zarr.Array):
+            raise InputError(f"'{path}' in '{self.location}' is a group, not an array.")
+        return node
+
+    def _level(self, group: Any, multiscale: dict[str, Any], level: int) -> tuple[Any, str | None]:
+        datasets = multiscale.get("datasets", [])
+        if not 0 <= level < len(datasets):
+            raise InputError(
+                f"input.level {level} does not exist: '{self.location}' has levels "
+                f"0..{len(datasets) - 1}."
+            )
+        names = [a["name"] if isinstance(a, dict) else a for a in multiscale.get("axes", [])]
+        for transform in datasets[level].get("coordinateTransformations", []):
+            if transform.get("type") == "scale":
+                self.scale = [float(v) for v in transform["scale"][-2:]]
+        self.multiscale = multiscale
+        return self._child(group, datasets[level]["path"]), _axes_from_names(names)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W)."""
+        return self._shape  # type: ignore[return-value]
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels ``[:, y0:y1, x0:x1]`` as a (C, h, w) array."""
+        if self.axes == "cyx":
+            return np.asarray(self.array[:, y0:y1, x0:x1])
+        if self.axes == "yxc":
+            return np.moveaxis(np.asarray(self.array[y0:y1, x0:x1, :]), -1, 0)
+        return np.asarray(self.array[y0:y1, x0:x1])[None]
+
+    def carried_attributes(self) -> dict[str, Any]:
+        """Metadata an output carries over: geospatial (``proj:``/``spatial:``) and provenance."""
+        keep = {}
+        for attrs in (self.group_attrs, self.array_attrs):
+            for key, value in attrs.items():
+                if key.startswith(("proj:", "spatial:")) or key in ("zarr_conventions", "crs"):
+                    keep[key] = value
+        return keep

@@ -1,0 +1,724 @@
+"""Typed YAML job specs: one file describes one run.
+
+A job is a YAML mapping whose ``kind`` picks the model that validates it (``kind: predict`` ->
+:class:`PredictJob`). Every model forbids unknown keys, and every field carries a description, so
+:func:`json_schema` documents the YAML for editors (``tilewise schema``).
+
+A bad spec is reported whole: :func:`load_job` raises one :class:`~tilewise.errors.ConfigError`
+that lists every problem, one per line, as ``FILE: dotted.path: message``, e.g.::
+
+    job.yaml: tiling.tilee: unknown key 'tilee'. Did you mean 'tile'?
+    job.yaml: output.path: required field missing
+
+Field rules are checked by pydantic, all together. The rules that tie fields to each other
+(class names against classes, shard against chunk, the architecture's arguments and its tiling
+facts) live in one after-validator of the job, which runs once every field is valid and reports
+all of its own problems together.
+
+Relative local paths in a job resolve against the folder of the YAML file (or the current
+directory for jobs built in Python); ``file://`` URLs become plain absolute paths, because
+zarr-python cannot create a store through one (zarr-python issue #2808); other URIs
+(``s3://``, ``memory://``, fsspec chains such as ``simplecache::s3://``) are kept as written.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import NoneType, UnionType
+from typing import Annotated, Any, Literal, Self, TypeAlias, Union, cast, get_args, get_origin
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import models_json_schema
+
+from tilewise.errors import ConfigError, PlanError, UnknownArchitectureError, did_you_mean
+from tilewise.models import entry, facts
+
+__all__ = [
+    "JOB_KINDS",
+    "ComputeSpec",
+    "InputSpec",
+    "Job",
+    "ModelSpec",
+    "NormalizeSpec",
+    "OutputSpec",
+    "PredictJob",
+    "TilingSpec",
+    "job_errors",
+    "json_schema",
+    "load_job",
+    "parse_job",
+    "resolve_location",
+    "validate_files",
+]
+
+# ----------------------------------------------------------------------------------------------
+# Locations
+# ----------------------------------------------------------------------------------------------
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+
+def resolve_location(value: str, base_dir: Path | None) -> str:
+    """Turn a job's path or URI into what the stores should open.
+
+    Args:
+        value: a local path (absolute, relative or ``~``-prefixed), a ``file://`` URL, or any
+            other fsspec URI (``s3://bucket/x.zarr``, ``memory://x.zarr``, ``zip::s3://...``).
+        base_dir: the folder that relative paths are relative to (the YAML file's folder);
+            ``None`` means the current working directory.
+
+    Returns:
+        A normalised absolute local path for local paths and ``file://`` URLs, or the URI
+        unchanged for every other scheme.
+    """
+    if value[:7].lower() == "file://":
+        local = value[7:]
+    elif _URI.match(value) or "::" in value:
+        return value
+    else:
+        local = value
+    path = Path(local).expanduser()
+    if not path.is_absolute():
+        path = (Path(base_dir) if base_dir is not None else Path.cwd()) / path
+    return os.path.abspath(path)
+
+
+def _base_dir(info: ValidationInfo) -> Path | None:
+    context = info.context
+    if isinstance(context, Mapping) and context.get("base_dir") is not None:
+        return Path(context["base_dir"])
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The models
+# ----------------------------------------------------------------------------------------------
+
+
+class NormalizeSpec(BaseModel):
+    """How input pixels become network input: ``(pixel * scale - mean) / std`` per channel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "Factor applied to raw pixel values first. 'auto' = 1/255 for uint8, 1/65535 for "
+            "uint16 and 1 for floating-point images."
+        ),
+    )
+    mean: list[float] | None = Field(
+        default=None,
+        description="Per-channel mean subtracted after scaling; null = no centring.",
+    )
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(
+        default=None,
+        description=(
+            "Per-channel standard deviation divided by after centring; every value > 0, same "
+            "length as mean when both are given; null = no division."
+        ),
+    )
+
+    @field_validator("scale", mode="before")
+    @classmethod
+    def _scale_is_number_or_auto(cls, value: Any) -> Any:
+        # One clear message instead of one error per member of the float | 'auto' union.
+        if value == "auto" or (
+            isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+        ):
+            return value
+        raise ValueError(f"must be a number > 0 or 'auto'; got {_show(value)}")
+
+
+class InputSpec(BaseModel):
+    """The image to segment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        min_length=1,
+        description=(
+            "Local path or fsspec URI (memory://, s3://, file://, ...) of a Zarr array, Zarr "
+            "group or OME-Zarr image. Relative paths are relative to the job file's folder."
+        ),
+    )
+    array: str | None = Field(
+        default=None,
+        description="Path of the array inside a Zarr group; null = the path is the array itself.",
+    )
+    level: int = Field(
+        default=0, ge=0, description="OME-Zarr multiscale level to read (0 = full resolution)."
+    )
+    axes: Literal["cyx", "yxc", "yx"] | None = Field(
+        default=None,
+        description="Axis order of the array; null = read it from the OME-Zarr metadata.",
+    )
+    normalize: NormalizeSpec = Field(
+        default=NormalizeSpec(), description="How pixel values are normalised for the network."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options passed to fsspec when opening the input (credentials, endpoint).",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, value: str, info: ValidationInfo) -> str:
+        return resolve_location(value, _base_dir(info))
+
+
+class ModelSpec(BaseModel):
+    """The network: a registered architecture, its arguments and its weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = Field(
+        description="Registered architecture name (list them with `tilewise models`)."
+    )
+    num_classes: int = Field(ge=1, description="Number of output classes (score maps).")
+    in_channels: int | None = Field(
+        default=None, ge=1, description="Input channels; null = the input image's channel count."
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The architecture's own keyword arguments (e.g. depth, base_width).",
+    )
+    weights: str | None = Field(
+        default=None,
+        description=(
+            "Path or URI of a .safetensors or .pt state dict; null = freshly initialised weights "
+            "(from seed). Relative paths are relative to the job file's folder."
+        ),
+    )
+    seed: int = Field(default=0, description="Initialisation seed, used when no weights are given.")
+    class_names: list[str] | None = Field(
+        default=None,
+        description="One name per class, for reports and metadata; null = class indices.",
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_is_registered(cls, value: str) -> str:
+        try:
+            entry(value)
+        except UnknownArchitectureError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _resolve_weights(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_location(value, _base_dir(info))
+
+
+class TilingSpec(BaseModel):
+    """How the image is cut into model windows and stitched back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tile: int = Field(
+        default=512,
+        ge=1,
+        description=(
+            "Output pixels per model window side; a multiple of the architecture's total stride."
+        ),
+    )
+    halo: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Context pixels read on each side of a tile; null = the architecture's exact halo "
+            "(stitch: crop then equals whole-image inference)."
+        ),
+    )
+    stitch: Literal["crop", "blend"] = Field(
+        default="crop",
+        description=(
+            "'crop' keeps each window's centre (exact for translation-equivariant networks); "
+            "'blend' cross-fades overlapping windows with weights summing to one."
+        ),
+    )
+    pad_mode: Literal["reflect", "symmetric", "constant"] = Field(
+        default="reflect",
+        description=(
+            "How the image is extended beyond its border (numpy.pad mode, applied as if to the "
+            "whole image)."
+        ),
+    )
+    pad_value: float = Field(
+        default=0.0, description="Fill value beyond the border when pad_mode is 'constant'."
+    )
+    batch_size: int = Field(default=4, ge=1, description="Model windows per forward pass.")
+
+
+class OutputSpec(BaseModel):
+    """Where and how the segmentation is written (OME-Zarr)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        min_length=1,
+        description=(
+            "Local path or fsspec URI of the output OME-Zarr. Relative paths are relative to the "
+            "job file's folder."
+        ),
+    )
+    labels: Literal["uint8", "uint16"] | None = Field(
+        default="uint8", description="Data type of the class-label map; null = no label map."
+    )
+    probabilities: Literal["float16", "uint8"] | None = Field(
+        default=None,
+        description=(
+            "Data type of per-class probabilities (uint8 = quantised to 0..255); null = none."
+        ),
+    )
+    chunk: int | None = Field(
+        default=None, ge=1, description="Output chunk side in pixels; null = the planner's choice."
+    )
+    shard: int | None = Field(
+        default=None,
+        ge=1,
+        description="Output shard side in pixels, a multiple of chunk; null = no sharding.",
+    )
+    compressor: Literal["zstd", "blosc-lz4", "none"] = Field(
+        default="zstd", description="Compression codec of the output chunks."
+    )
+    overwrite: bool = Field(
+        default=False,
+        description="Replace an existing output written by a different job (never done silently).",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options passed to fsspec when opening the output (credentials, endpoint).",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, value: str, info: ValidationInfo) -> str:
+        return resolve_location(value, _base_dir(info))
+
+
+class ComputeSpec(BaseModel):
+    """Where the job runs: the Ray cluster and the predictor actors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(
+        default=None,
+        description="Ray cluster address; null = $RAY_ADDRESS, or an embedded local Ray.",
+    )
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Number of predictor actors; null = one per GPU, or one on a CPU-only cluster.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto",
+        description="Device the actors run the network on; 'auto' = CUDA when present.",
+    )
+    cpus_per_worker: float | None = Field(
+        default=None, gt=0, description="CPUs reserved per actor; null = Ray's default."
+    )
+    gpus_per_worker: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs reserved per actor (fractions share a GPU); null = 1 when using CUDA.",
+    )
+
+
+class _RuleError(ValueError):
+    """Problems found by a cross-field rule, each with its location relative to the job."""
+
+    def __init__(self, problems: list[tuple[tuple[str | int, ...], str]]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(f"{_dotted(loc)}: {message}" for loc, message in problems))
+
+
+class PredictJob(BaseModel):
+    """Segment one image with one network, tile by tile, into an OME-Zarr output."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["predict"] = Field(description="Job kind: 'predict' segments an image.")
+    name: str | None = Field(
+        default=None,
+        description="Run name shown in progress and reports; null = the job file's name (stem).",
+    )
+    input: InputSpec = Field(description="The image to segment and how to read it.")
+    model: ModelSpec = Field(description="The network and its weights.")
+    tiling: TilingSpec = Field(
+        default=TilingSpec(), description="Tile size, halo and stitching of the model windows."
+    )
+    output: OutputSpec = Field(description="Where and how the result is written.")
+    compute: ComputeSpec = Field(
+        default=ComputeSpec(), description="The Ray cluster and the predictor actors."
+    )
+
+    @model_validator(mode="after")
+    def check_rules(self) -> Self:
+        """Check the rules that tie fields together; report all their problems at once."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        model, output = self.model, self.output
+
+        if model.class_names is not None and len(model.class_names) != model.num_classes:
+            problems.append((
+                ("model", "class_names"),
+                f"must have one name per class ({model.num_classes}, num_classes); got "
+                f"{len(model.class_names)} names.",
+            ))
+        norm = self.input.normalize
+        if norm.mean is not None and norm.std is not None and len(norm.mean) != len(norm.std):
+            problems.append((
+                ("input", "normalize", "std"),
+                f"must have one value per mean value ({len(norm.mean)}); got {len(norm.std)}.",
+            ))
+        if output.labels is None and output.probabilities is None:
+            problems.append((
+                ("output",),
+                "nothing to write: labels and probabilities are both null. Set labels: uint8 "
+                "and/or probabilities: float16.",
+            ))
+        if output.chunk is not None and output.shard is not None and output.shard % output.chunk:
+            lower = max(output.chunk, output.shard // output.chunk * output.chunk)
+            problems.append((
+                ("output", "shard"),
+                f"shard ({output.shard}) must be a multiple of chunk ({output.chunk}); got "
+                f"{output.shard}. Use shard: {lower} or {lower + output.chunk}.",
+            ))
+
+        allowed = entry(model.arch).arg_names()
+        unknown = [key for key in model.args if key not in allowed]
+        for key in unknown:
+            problems.append((
+                ("model", "args", key),
+                f"unknown argument '{key}' for arch '{model.arch}'.{did_you_mean(key, allowed)} "
+                f"It takes: {', '.join(allowed) or 'no arguments'}.",
+            ))
+        if not unknown:
+            problems.extend(self._tiling_problems())
+
+        if problems:
+            raise _RuleError(problems)
+        return self
+
+    def _tiling_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
+        from tilewise.pipeline.geometry import check_tiling
+
+        model, tiling = self.model, self.tiling
+        try:
+            arch_facts = facts(
+                model.arch,
+                in_channels=model.in_channels or 3,
+                num_classes=model.num_classes,
+                **model.args,
+            )
+        except ConfigError as exc:
+            return [(("model", "args"), str(exc))]
+        try:
+            check_tiling(
+                arch_facts,
+                tile=tiling.tile,
+                halo=tiling.halo,
+                stitch=tiling.stitch,
+                arch=model.arch,
+            )
+        except PlanError as exc:
+            message = str(exc)
+            if message.startswith("halo") or "tiling.halo" in message:
+                field = "halo"
+            elif message.startswith("stitch"):
+                field = "stitch"
+            else:
+                field = "tile"
+            return [(("tiling", field), message)]
+        return []
+
+
+# Later kinds ("train", ...) join this table, and Job becomes
+# ``Annotated[PredictJob | TrainJob, Field(discriminator="kind")]``.
+JOB_KINDS: dict[str, type[BaseModel]] = {"predict": PredictJob}
+Job: TypeAlias = PredictJob
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors as lines
+# ----------------------------------------------------------------------------------------------
+
+
+def _dotted(loc: Sequence[str | int]) -> str:
+    return ".".join(str(step) for step in loc) or "(top level)"
+
+
+def _show(value: Any) -> str:
+    """A given value as the user wrote it in YAML, shortened."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _non_null(annotation: Any) -> tuple[Any, bool]:
+    """``X | None`` -> ``(X, True)``; anything else -> ``(annotation, False)``."""
+    if get_origin(annotation) in (Union, UnionType):
+        members = [a for a in get_args(annotation) if a is not NoneType]
+        if len(members) < len(get_args(annotation)) and len(members) == 1:
+            return members[0], True
+    return annotation, False
+
+
+def _annotation_at(root: type[BaseModel], loc: Sequence[str | int]) -> Any:
+    """The type annotation at ``loc`` under ``root``, or None when the path leaves the models."""
+    current: Any = root
+    for step in loc:
+        current, _ = _non_null(current)
+        origin = get_origin(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            if not isinstance(step, str) or step not in current.model_fields:
+                return None
+            current = current.model_fields[step].annotation
+        elif origin is list and isinstance(step, int):
+            current = get_args(current)[0]
+        elif origin is dict:
+            current = get_args(current)[1]
+        else:
+            return None
+    return current
+
+
+def _model_keys(root: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
+    annotation, _ = _non_null(_annotation_at(root, loc))
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
+
+
+def _literal_choices(root: type[BaseModel], loc: Sequence[str | int]) -> str | None:
+    annotation, nullable = _non_null(_annotation_at(root, loc))
+    if get_origin(annotation) is not Literal:
+        return None
+    choices = ", ".join(repr(choice) for choice in get_args(annotation))
+    return choices + (" or null" if nullable else "")
+
+
+_TYPE_MESSAGES = {
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "string_type": "must be a string",
+    "list_type": "must be a list",
+    "dict_type": "must be a mapping (key: value)",
+}
+
+
+def _message(error: Mapping[str, Any], root: type[BaseModel]) -> str:
+    """One pydantic error as a short sentence (without its location)."""
+    kind: str = error["type"]
+    loc: tuple[str | int, ...] = tuple(error["loc"])
+    given = error.get("input")
+    ctx: Mapping[str, Any] = error.get("ctx") or {}
+    if kind == "missing":
+        return "required field missing"
+    if kind == "extra_forbidden":
+        key = str(loc[-1]) if loc else ""
+        allowed = _model_keys(root, loc[:-1])
+        hint = did_you_mean(key, allowed)
+        if hint or not allowed:
+            return f"unknown key '{key}'.{hint}"
+        return f"unknown key '{key}'. Allowed keys: {', '.join(allowed)}."
+    if kind == "literal_error":
+        choices = _literal_choices(root, loc)
+        if choices is not None:
+            return f"must be one of {choices}; got {_show(given)}"
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    if kind in ("model_type", "model_attributes_type"):
+        keys = _model_keys(root, loc)
+        return f"must be a mapping with keys {', '.join(keys)}; got {_show(given)}"
+    if kind == "greater_than_equal":
+        return f"must be >= {ctx['ge']}; got {_show(given)}"
+    if kind == "greater_than":
+        return f"must be > {ctx['gt']}; got {_show(given)}"
+    if kind == "string_too_short":
+        return "must not be empty"
+    if kind in _TYPE_MESSAGES:
+        return f"{_TYPE_MESSAGES[kind]}; got {_show(given)}"
+    return f"{error['msg']}; got {_show(given)}"
+
+
+def _error_lines(exc: ValidationError, root: type[BaseModel], source: str) -> list[str]:
+    lines: list[str] = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, _RuleError):
+            lines += [f"{source}: {_dotted(loc + sub)}: {msg}" for sub, msg in cause.problems]
+        else:
+            lines.append(f"{source}: {_dotted(loc)}: {_message(error, root)}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and validating
+# ----------------------------------------------------------------------------------------------
+
+
+def _validate(
+    data: Mapping[str, Any], base_dir: Path | None, source: str
+) -> tuple[Job | None, list[str]]:
+    kinds = ", ".join(repr(k) for k in JOB_KINDS)
+    kind = data.get("kind")
+    if kind is None:
+        return None, [f"{source}: kind: required field missing; set it to one of {kinds}"]
+    if not isinstance(kind, str) or kind not in JOB_KINDS:
+        hint = did_you_mean(kind, JOB_KINDS) if isinstance(kind, str) else ""
+        return None, [f"{source}: kind: unknown job kind {_show(kind)}.{hint} Known kinds: {kinds}"]
+    model = JOB_KINDS[kind]
+    try:
+        job = model.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        return None, _error_lines(exc, model, source)
+    return cast(Job, job), []
+
+
+def _check_file(path: str | Path) -> tuple[Job | None, list[str]]:
+    source = str(path)
+    file = Path(os.path.abspath(path))
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        return None, [f"{source}: file not found"]
+    except IsADirectoryError:
+        return None, [f"{source}: is a folder, not a YAML job file"]
+    except OSError as exc:
+        return None, [f"{source}: cannot read the file: {exc.strerror or exc}"]
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        extra = f" ({exc.context})" if exc.problem and exc.context else ""
+        return None, [f"{source}: cannot parse YAML{where}: {problem}{extra}"]
+    except yaml.YAMLError as exc:
+        return None, [f"{source}: cannot parse YAML: {exc}"]
+    if data is None:
+        return None, [f"{source}: the file is empty; a job is a YAML mapping (kind: predict, ...)"]
+    if not isinstance(data, Mapping):
+        return None, [
+            f"{source}: the top level must be a YAML mapping (kind: predict, input: ..., ...); "
+            f"got a {type(data).__name__}"
+        ]
+    data = dict(data)
+    if data.get("name") is None:
+        data["name"] = file.stem
+    return _validate(data, file.parent, source)
+
+
+def parse_job(
+    data: Mapping[str, Any], *, base_dir: Path | None = None, source: str = "<job>"
+) -> Job:
+    """Validate an already-loaded job mapping.
+
+    Args:
+        data: the job as a mapping (what ``yaml.safe_load`` returns for a job file).
+        base_dir: folder that relative local paths resolve against; None = the current directory.
+        source: name shown at the start of every error line.
+
+    Returns:
+        The validated job (the model that its ``kind`` selects).
+
+    Raises:
+        ConfigError: listing every problem, one per line, as ``SOURCE: dotted.path: message``.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{source}: a job must be a mapping; got a {type(data).__name__}")
+    job, lines = _validate(data, base_dir, source)
+    if job is None:
+        raise ConfigError("\n".join(lines))
+    return job
+
+
+def load_job(path: str | Path) -> Job:
+    """Read and validate a YAML job file.
+
+    Relative local paths in the job resolve against the file's folder, and ``name`` defaults to
+    the file's stem.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        The validated job.
+
+    Raises:
+        ConfigError: listing every problem, one per line, as ``FILE: dotted.path: message``
+            (or one line when the file cannot be read or parsed).
+    """
+    job, lines = _check_file(path)
+    if job is None:
+        raise ConfigError("\n".join(lines))
+    return job
+
+
+def job_errors(path: str | Path) -> list[str]:
+    """The problems of one job file, one line each; an empty list when the job is valid.
+
+    Args:
+        path: the YAML file.
+
+    Returns:
+        Lines of the form ``FILE: dotted.path: message``.
+    """
+    return _check_file(path)[1]
+
+
+def validate_files(paths: Sequence[str | Path]) -> dict[str, list[str]]:
+    """The problems of several job files (``tilewise validate a.yaml b.yaml``).
+
+    Args:
+        paths: the YAML files.
+
+    Returns:
+        For each file (as given), its error lines; an empty list for a valid file.
+    """
+    return {str(path): job_errors(path) for path in paths}
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of every job kind, for editors' YAML completion (``tilewise schema``).
+
+    Returns:
+        A JSON Schema (draft 2020-12) document: a ``oneOf`` over the job kinds, with an
+        OpenAPI-style ``discriminator`` on ``kind`` and the models under ``$defs``.
+    """
+    models = [(model, "validation") for model in JOB_KINDS.values()]
+    refs, top = models_json_schema(models, ref_template="#/$defs/{model}")  # type: ignore[arg-type]
+    mapping = {kind: refs[(model, "validation")]["$ref"] for kind, model in JOB_KINDS.items()}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "tilewise job",
+        "description": "A tilewise job spec; `kind` selects the job type.",
+        "oneOf": [{"$ref": ref} for ref in mapping.values()],
+        "discriminator": {"propertyName": "kind", "mapping": mapping},
+        "$defs": top["$defs"],
+    }
