@@ -10,7 +10,11 @@ from tilewise.models.registry import TilingFacts
 
 
 def whole_image(
-    model: nn.Module, image: np.ndarray, facts: TilingFacts, *, pad_mode: str = "reflect",
+    model: nn.Module,
+    image: np.ndarray,
+    facts: TilingFacts,
+    *,
+    pad_mode: str = "reflect",
     pad_value: float = 0.0,
 ) -> np.ndarray:
     """Whole-image inference on the mirror-padded image, in one forward pass.

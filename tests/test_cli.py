@@ -384,8 +384,11 @@ def test_run_refuses_output_of_a_different_tilewise_job(
     other = prepare(load_job(write_job(tmp_path, {"model": {"seed": 1}}, name="other.yaml")))
     store = OutputStore(other.job.output.path)
     resumed = store.prepare(
-        other.layout, fingerprint=other.fingerprint, job=other.job.model_dump(mode="json"),
-        carried={}, overwrite=False,
+        other.layout,
+        fingerprint=other.fingerprint,
+        job=other.job.model_dump(mode="json"),
+        carried={},
+        overwrite=False,
     )
     assert not resumed
     unit = other.grid.unit(0)
@@ -457,9 +460,7 @@ def test_validate_reports_every_problem_of_every_file(
     assert "ok" not in out
     lines = err.splitlines()
     assert f"{a}: tiling.tilee: unknown key 'tilee'. Did you mean 'tile'?" in lines
-    assert any(
-        line.startswith(f"{b}: model.arch: unknown architecture 'unet2'.") for line in lines
-    )
+    assert any(line.startswith(f"{b}: model.arch: unknown architecture 'unet2'.") for line in lines)
     assert f"{b}: output: required field missing" in lines
     assert len(lines) == 3
 

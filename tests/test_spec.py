@@ -314,8 +314,7 @@ def test_empty_file_is_one_clear_error(tmp_path: Path) -> None:
 def test_list_at_top_level_is_one_clear_error(tmp_path: Path) -> None:
     path = write(tmp_path, "- kind: predict\n")
     assert job_errors(path) == [
-        f"{path}: the top level must be a YAML mapping (kind: predict, input: ..., ...); "
-        "got a list"
+        f"{path}: the top level must be a YAML mapping (kind: predict, input: ..., ...); got a list"
     ]
 
 

@@ -22,7 +22,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     job = load_job(args.job)
     report = run_job(
-        job, address=args.address, workers=args.workers, overwrite=args.overwrite,
+        job,
+        address=args.address,
+        workers=args.workers,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
     )
     if args.json:
@@ -65,12 +68,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
         with torch.device("meta"):
             model = models.create(name, in_channels=3, num_classes=2)
-        f = model.tiling  # type: ignore[union-attr]
+        f: models.TilingFacts = model.tiling  # type: ignore[assignment]
         params = sum(p.numel() for p in model.parameters())
         rule = f"{f.size_rule.minimum}+{f.size_rule.step}k"
         halo = "-" if f.halo is None else str(f.halo)
-        print(f"{name:<12} {params:>12,} {f.stride:>6} {rule:>14} {halo:>6}  "
-              f"{'yes' if f.exact else 'no'}   {e.summary}")
+        print(
+            f"{name:<12} {params:>12,} {f.stride:>6} {rule:>14} {halo:>6}  "
+            f"{'yes' if f.exact else 'no'}   {e.summary}"
+        )
     return 0
 
 

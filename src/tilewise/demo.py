@@ -64,17 +64,30 @@ def build_mosaic(path: Path, size: int) -> None:
     root = zarr.open_group(str(path), mode="w")
     root.attrs["ome"] = {
         "version": "0.5",
-        "multiscales": [{
-            "name": "ihc-mosaic",
-            "axes": [{"name": "c", "type": "channel"},
-                     {"name": "y", "type": "space", "unit": "micrometer"},
-                     {"name": "x", "type": "space", "unit": "micrometer"}],
-            "datasets": [{"path": "0", "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0, 0.5, 0.5]}]}],
-        }],
+        "multiscales": [
+            {
+                "name": "ihc-mosaic",
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space", "unit": "micrometer"},
+                    {"name": "x", "type": "space", "unit": "micrometer"},
+                ],
+                "datasets": [
+                    {
+                        "path": "0",
+                        "coordinateTransformations": [{"type": "scale", "scale": [1.0, 0.5, 0.5]}],
+                    }
+                ],
+            }
+        ],
     }
-    arr = root.create_array("0", shape=(3, size, size), chunks=(3, 512, 512), dtype="uint8",
-                            dimension_names=("c", "y", "x"))
+    arr = root.create_array(
+        "0",
+        shape=(3, size, size),
+        chunks=(3, 512, 512),
+        dtype="uint8",
+        dimension_names=("c", "y", "x"),
+    )
     for y0 in range(0, size, BLOCK):
         for x0 in range(0, size, BLOCK):
             y1, x1 = min(y0 + BLOCK, size), min(x0 + BLOCK, size)
@@ -160,8 +173,13 @@ def write_preview(mosaic: Path, labels_path: Path, png: Path, *, width: int = 10
     canvas.save(png)
 
 
-def run_demo(*, workdir: str | Path = "tilewise-demo", size: int = 4096, progress: bool = True,
-             fit_seconds: float = 30.0) -> dict[str, float]:
+def run_demo(
+    *,
+    workdir: str | Path = "tilewise-demo",
+    size: int = 4096,
+    progress: bool = True,
+    fit_seconds: float = 30.0,
+) -> dict[str, float]:
     """Build the mosaic, fit the model, segment, preview; print and return the figures."""
     from tilewise.pipeline.driver import run_job
     from tilewise.spec import load_job, parse_job
@@ -189,9 +207,15 @@ def run_demo(*, workdir: str | Path = "tilewise-demo", size: int = 4096, progres
     write_preview(mosaic, labels_path, png)
     accuracy, mean_iu = _agreement(mosaic, labels_path, size)
     print(f"[4/4] preview {png}")
-    print(f"      agreement with the stain labels on the mosaic: pixel accuracy {accuracy:.3f}, "
-          f"mean IU {mean_iu:.3f}")
+    print(
+        f"      agreement with the stain labels on the mosaic: pixel accuracy {accuracy:.3f}, "
+        f"mean IU {mean_iu:.3f}"
+    )
     total = time.perf_counter() - t0
     print(f"demo finished in {total:.0f} s")
-    return {"pixel_accuracy": accuracy, "mean_iu": mean_iu, "seconds": total,
-            "mpx_per_s": report.mpx_per_s}
+    return {
+        "pixel_accuracy": accuracy,
+        "mean_iu": mean_iu,
+        "seconds": total,
+        "mpx_per_s": report.mpx_per_s,
+    }

@@ -373,39 +373,50 @@ class PredictJob(BaseModel):
         model, output = self.model, self.output
 
         if model.class_names is not None and len(model.class_names) != model.num_classes:
-            problems.append((
-                ("model", "class_names"),
-                f"must have one name per class ({model.num_classes}, num_classes); got "
-                f"{len(model.class_names)} names.",
-            ))
+            problems.append(
+                (
+                    ("model", "class_names"),
+                    f"must have one name per class ({model.num_classes}, num_classes); got "
+                    f"{len(model.class_names)} names.",
+                )
+            )
         norm = self.input.normalize
         if norm.mean is not None and norm.std is not None and len(norm.mean) != len(norm.std):
-            problems.append((
-                ("input", "normalize", "std"),
-                f"must have one value per mean value ({len(norm.mean)}); got {len(norm.std)}.",
-            ))
+            problems.append(
+                (
+                    ("input", "normalize", "std"),
+                    f"must have one value per mean value ({len(norm.mean)}); got {len(norm.std)}.",
+                )
+            )
         if output.labels is None and output.probabilities is None:
-            problems.append((
-                ("output",),
-                "nothing to write: labels and probabilities are both null. Set labels: uint8 "
-                "and/or probabilities: float16.",
-            ))
+            problems.append(
+                (
+                    ("output",),
+                    "nothing to write: labels and probabilities are both null. Set labels: uint8 "
+                    "and/or probabilities: float16.",
+                )
+            )
         if output.chunk is not None and output.shard is not None and output.shard % output.chunk:
             lower = max(output.chunk, output.shard // output.chunk * output.chunk)
-            problems.append((
-                ("output", "shard"),
-                f"shard ({output.shard}) must be a multiple of chunk ({output.chunk}); got "
-                f"{output.shard}. Use shard: {lower} or {lower + output.chunk}.",
-            ))
+            problems.append(
+                (
+                    ("output", "shard"),
+                    f"shard ({output.shard}) must be a multiple of chunk ({output.chunk}); got "
+                    f"{output.shard}. Use shard: {lower} or {lower + output.chunk}.",
+                )
+            )
 
         allowed = entry(model.arch).arg_names()
         unknown = [key for key in model.args if key not in allowed]
         for key in unknown:
-            problems.append((
-                ("model", "args", key),
-                f"unknown argument '{key}' for arch '{model.arch}'.{did_you_mean(key, allowed)} "
-                f"It takes: {', '.join(allowed) or 'no arguments'}.",
-            ))
+            problems.append(
+                (
+                    ("model", "args", key),
+                    f"unknown argument '{key}' for arch '{model.arch}'."
+                    f"{did_you_mean(key, allowed)} "
+                    f"It takes: {', '.join(allowed) or 'no arguments'}.",
+                )
+            )
         if not unknown:
             problems.extend(self._tiling_problems())
 

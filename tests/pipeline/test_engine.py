@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import tilewise
+from tests.reference import PoolNet, whole_image
 from tilewise import models
 from tilewise.errors import InputError, PlanError
-from tests.reference import PoolNet, whole_image
 
 TOL = 1e-5  # float32: window shapes change the conv kernels' summation order, nothing more
 
@@ -28,9 +28,14 @@ def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", ["unet", "unet_same"])
-@pytest.mark.parametrize("shape", [(83, 101), (9, 13), (64, 64), (130, 37)],
-                         ids=["odd", "smaller-than-a-tile", "one-tile", "tall"])
-def test_registered_unet_tiles_equal_whole_image_inference(name: str, shape: tuple[int, int]) -> None:
+@pytest.mark.parametrize(
+    "shape",
+    [(83, 101), (9, 13), (64, 64), (130, 37)],
+    ids=["odd", "smaller-than-a-tile", "one-tile", "tall"],
+)
+def test_registered_unet_tiles_equal_whole_image_inference(
+    name: str, shape: tuple[int, int]
+) -> None:
     model = _tiny(name)
     image = _image(*shape)
     tiled = tilewise.predict_array(model, image, tile=32, batch_size=3, unit=48)
@@ -111,11 +116,19 @@ class Crop(nn.Module):
 @pytest.mark.parametrize("pad_mode", ["reflect", "symmetric", "constant"])
 @pytest.mark.parametrize("margin", [0, 7])
 @pytest.mark.parametrize("stitch", ["crop", "blend"])
-def test_identity_model_returns_the_input_bit_for_bit(pad_mode: str, margin: int, stitch: str) -> None:
+def test_identity_model_returns_the_input_bit_for_bit(
+    pad_mode: str, margin: int, stitch: str
+) -> None:
     image = _image(45, 70, seed=5)
     out = tilewise.predict_array(
-        Crop(margin), image, tile=16, halo=margin + 5, margin=margin, pad_mode=pad_mode,
-        stitch=stitch, unit=24,
+        Crop(margin),
+        image,
+        tile=16,
+        halo=margin + 5,
+        margin=margin,
+        pad_mode=pad_mode,
+        stitch=stitch,
+        unit=24,
     )
     if stitch == "crop":
         assert np.array_equal(out, image)

@@ -7,6 +7,7 @@ import pytest
 
 from tilewise.errors import PlanError
 from tilewise.models import SizeRule, TilingFacts, facts
+from tilewise.pipeline.api import ArraySource
 from tilewise.pipeline.engine import Unit, read_padded
 from tilewise.pipeline.geometry import (
     TilingWarning,
@@ -15,7 +16,6 @@ from tilewise.pipeline.geometry import (
     check_tiling,
     source_indices,
 )
-from tilewise.pipeline.api import ArraySource
 
 UNET = facts("unet")
 SAME = TilingFacts(stride=8, margin=0, halo=20, size_rule=SizeRule(8, 8))
@@ -49,12 +49,14 @@ def test_read_padded_equals_np_pad_of_the_whole_image(mode: str, box: tuple[int,
 
 
 def test_tile_off_the_stride_names_the_two_nearest_valid_tiles() -> None:
-    with pytest.raises(PlanError, match=r"tile \(500\) must be a multiple of 16 .*Use tile: 496 or 512"):
+    with pytest.raises(
+        PlanError, match=r"tile \(500\) must be a multiple of 16 .*Use tile: 496 or 512"
+    ):
         check_tiling(UNET, tile=500, halo=None, stitch="crop", arch="unet")
 
 
 def test_halo_too_small_for_crop_is_refused_with_the_fix() -> None:
-    with pytest.raises(PlanError, match="too small for an exact result.*Use halo: 20"):
+    with pytest.raises(PlanError, match=r"too small for an exact result.*Use halo: 20"):
         check_tiling(SAME, tile=64, halo=10, stitch="crop", arch="net")
 
 
@@ -75,7 +77,7 @@ def test_halo_larger_than_the_tile_is_refused() -> None:
 
 def test_crop_with_a_non_equivariant_net_is_refused() -> None:
     psp = TilingFacts(8, 0, None, SizeRule(8, 8), equivariant=False, note="global pooling")
-    with pytest.raises(PlanError, match="not \\(global pooling\\). Use stitch: blend"):
+    with pytest.raises(PlanError, match=r"not \(global pooling\)\. Use stitch: blend"):
         check_tiling(psp, tile=64, halo=32, stitch="crop", arch="psp")
 
 

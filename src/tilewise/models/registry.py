@@ -183,7 +183,9 @@ def create(name: str, *, in_channels: int, num_classes: int, **arch_args: Any) -
     return model
 
 
-def facts(name: str, *, in_channels: int = 3, num_classes: int = 2, **arch_args: Any) -> TilingFacts:
+def facts(
+    name: str, *, in_channels: int = 3, num_classes: int = 2, **arch_args: Any
+) -> TilingFacts:
     """The tiling facts of an architecture, without allocating its weights (meta device)."""
     with torch.device("meta"):
         model = create(name, in_channels=in_channels, num_classes=num_classes, **arch_args)

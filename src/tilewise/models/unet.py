@@ -154,21 +154,39 @@ class UNet(nn.Module):
 
 @register_model(family="unet", paper="Ronneberger et al., MICCAI 2015")
 def unet(
-    in_channels: int, num_classes: int, *, depth: int = 4, base_width: int = 64, dropout: float = 0.5
+    in_channels: int,
+    num_classes: int,
+    *,
+    depth: int = 4,
+    base_width: int = 64,
+    dropout: float = 0.5,
 ) -> UNet:
     """U-Net as in the paper: valid 3×3 convolutions, 572 → 388, halo 92, origins on 16."""
     return UNet(
-        in_channels, num_classes, depth=depth, base_width=base_width, padding="valid",
+        in_channels,
+        num_classes,
+        depth=depth,
+        base_width=base_width,
+        padding="valid",
         dropout=dropout,
     )
 
 
 @register_model(family="unet", paper="Ronneberger et al., MICCAI 2015 (same-padded variant)")
 def unet_same(
-    in_channels: int, num_classes: int, *, depth: int = 4, base_width: int = 64, dropout: float = 0.5
+    in_channels: int,
+    num_classes: int,
+    *,
+    depth: int = 4,
+    base_width: int = 64,
+    dropout: float = 0.5,
 ) -> UNet:
     """Same-padded U-Net: output size = input size (a multiple of 16), halo 107."""
     return UNet(
-        in_channels, num_classes, depth=depth, base_width=base_width, padding="same",
+        in_channels,
+        num_classes,
+        depth=depth,
+        base_width=base_width,
+        padding="same",
         dropout=dropout,
     )

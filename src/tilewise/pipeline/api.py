@@ -50,7 +50,12 @@ def default_device() -> torch.device:
 
 
 def probe_size_rule(
-    model: nn.Module, *, in_channels: int, stride: int, margin: int, start: int,
+    model: nn.Module,
+    *,
+    in_channels: int,
+    stride: int,
+    margin: int,
+    start: int,
     device: torch.device,
 ) -> SizeRule:
     """Find the valid window sizes of a module that declares none, by trying sizes from ``start``.
@@ -78,8 +83,10 @@ def _module_facts(
 ) -> TilingFacts | None:
     declared = getattr(model, "tiling", None)
     if isinstance(declared, TilingFacts):
-        for name, given, known in (("stride", stride, declared.stride),
-                                   ("margin", margin, declared.margin)):
+        for name, given, known in (
+            ("stride", stride, declared.stride),
+            ("margin", margin, declared.margin),
+        ):
             if given is not None and given != known:
                 raise PlanError(
                     f"{name} ({given}) contradicts the model's declared {name} {known}; "
@@ -141,14 +148,25 @@ def predict_array(
             h = max(halo, m)
             lead = m + -(-(h - m) // s) * s
             rule = probe_size_rule(
-                model, in_channels=channels, stride=s, margin=m, start=lead + min(tile, 64) + h,
+                model,
+                in_channels=channels,
+                stride=s,
+                margin=m,
+                start=lead + min(tile, 64) + h,
                 device=dev,
             )
             facts = TilingFacts(stride=s, margin=m, halo=h, size_rule=rule)
             check_tiling(facts, tile=tile, halo=halo, stitch=stitch, arch=type(model).__name__)
         plan = TilePlan.build(
-            facts, height=height, width=width, tile=tile, halo=halo, stitch=stitch,
-            pad_mode=pad_mode, pad_value=pad_value, arch=type(model).__name__,
+            facts,
+            height=height,
+            width=width,
+            tile=tile,
+            halo=halo,
+            stitch=stitch,
+            pad_mode=pad_mode,
+            pad_value=pad_value,
+            arch=type(model).__name__,
         )
         engine = TileEngine(model, plan, batch_size=batch_size, device=dev)
         side = unit or plan.y.tile * max(1, -(-1024 // plan.y.tile))

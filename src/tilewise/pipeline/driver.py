@@ -8,6 +8,7 @@ so faster actors take more units.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -61,12 +62,15 @@ class RunReport:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, with the derived figures."""
-        return {**asdict(self), "mpx_per_s": round(self.mpx_per_s, 4),
-                "overlap": round(self.overlap, 4)}
+        return {
+            **asdict(self),
+            "mpx_per_s": round(self.mpx_per_s, 4),
+            "overlap": round(self.overlap, 4),
+        }
 
     def lines(self) -> list[str]:
         """The one-screen report."""
-        c, h, w = (self.input_shape + [0, 0, 0])[:3]
+        c, h, w = [*self.input_shape, 0, 0, 0][:3]
         return [
             f"tilewise run '{self.name}': {self.status}",
             f"  input    {c} x {h} x {w} (bands x height x width)",
@@ -87,17 +91,23 @@ def _connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    quiet = {"log_to_driver": False, "configure_logging": True, "logging_level": "warning"}
+    runtime_env: dict[str, Any] = {"env_vars": ALLOCATOR_ENV}
     if address:
-        ray.init(address=address, runtime_env={"env_vars": ALLOCATOR_ENV}, **quiet)
+        ray.init(
+            address=address,
+            runtime_env=runtime_env,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
         return False
     ray.init(
         address="local",  # never attach to a stale /tmp/ray/ray_current_cluster by accident
         num_cpus=os.cpu_count() or 1,
         include_dashboard=False,
         object_store_memory=128 * 1024**2,  # only unit indices travel through it
-        runtime_env={"env_vars": ALLOCATOR_ENV},
-        **quiet,
+        runtime_env=runtime_env,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
     )
     return True
 
@@ -115,14 +125,19 @@ def _actor_resources(job: PredictJob, workers: int | None) -> tuple[int, float, 
     if device == "cuda" and gpus == 0:
         raise TilewiseError("compute.device is 'cuda' but the Ray cluster has no GPU.")
     n = workers or c.workers or (max(1, int(gpus)) if device == "cuda" else 1)
-    gpus_each = c.gpus_per_worker if c.gpus_per_worker is not None else (
-        min(1.0, gpus / n) if device == "cuda" else 0.0)
+    gpus_each = (
+        c.gpus_per_worker
+        if c.gpus_per_worker is not None
+        else (min(1.0, gpus / n) if device == "cuda" else 0.0)
+    )
     cpus_each = c.cpus_per_worker or max(1.0, float(int(cpus // n)))
     return n, cpus_each, gpus_each, device
 
 
 def _run_units(
-    prepared: PreparedJob, todo: list[int], workers: int | None,
+    prepared: PreparedJob,
+    todo: list[int],
+    workers: int | None,
     on_done: Callable[[int, int], None],
 ) -> tuple[int, str]:
     import ray
@@ -132,10 +147,10 @@ def _run_units(
     job = prepared.job
     n, cpus_each, gpus_each, device = _actor_resources(job, workers)
     n = min(n, len(todo))
-    actor_class = ray.remote(Predictor)
+    actor_class: Any = ray.remote(Predictor)
     data = job.model_dump(mode="json")
     actors = [
-        actor_class.options(  # type: ignore[attr-defined]
+        actor_class.options(
             num_cpus=cpus_each, num_gpus=gpus_each, max_restarts=-1, max_task_retries=-1
         ).remote(data, threads=int(cpus_each), device=device)
         for _ in range(n)
@@ -196,8 +211,11 @@ def run_job(
         build_model(job, prepared.in_channels)
     out = OutputStore(job.output.path, job.output.storage_options)
     resumed = out.prepare(
-        prepared.layout, fingerprint=prepared.fingerprint, job=job.model_dump(mode="json"),
-        carried=prepared.image.carried_attributes(), overwrite=overwrite or job.output.overwrite,
+        prepared.layout,
+        fingerprint=prepared.fingerprint,
+        job=job.model_dump(mode="json"),
+        carried=prepared.image.carried_attributes(),
+        overwrite=overwrite or job.output.overwrite,
     )
     grid, plan = prepared.grid, prepared.plan
     done = out.done_units() if resumed else set()
@@ -205,16 +223,27 @@ def run_job(
     if shuffle is not None:
         random.Random(shuffle).shuffle(todo)
     report = RunReport(
-        name=job.name or "job", output=out.location, status="complete",
-        units_total=len(grid), units_computed=0, units_skipped=len(done), output_pixels=0,
-        computed_pixels=0, seconds=0.0, arch=job.model.arch, tile=plan.y.tile,
-        halo=plan.y.halo, stitch=plan.stitch, input_shape=list(prepared.image.shape),
+        name=job.name or "job",
+        output=out.location,
+        status="complete",
+        units_total=len(grid),
+        units_computed=0,
+        units_skipped=len(done),
+        output_pixels=0,
+        computed_pixels=0,
+        seconds=0.0,
+        arch=job.model.arch,
+        tile=plan.y.tile,
+        halo=plan.y.halo,
+        stitch=plan.stitch,
+        input_shape=list(prepared.image.shape),
     )
     if todo:
         started = _connect(address or job.compute.address)
         try:
-            report.workers, report.device = _run_with_progress(prepared, todo, workers, report,
-                                                               progress)
+            report.workers, report.device = _run_with_progress(
+                prepared, todo, workers, report, progress
+            )
         finally:
             if started:
                 import ray
@@ -226,7 +255,10 @@ def run_job(
 
 
 def _run_with_progress(
-    prepared: PreparedJob, todo: list[int], workers: int | None, report: RunReport,
+    prepared: PreparedJob,
+    todo: list[int],
+    workers: int | None,
+    report: RunReport,
     progress: bool,
 ) -> tuple[int, str]:
     from rich.progress import (
@@ -239,9 +271,14 @@ def _run_with_progress(
     )
 
     columns = (
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("units"), TextColumn("{task.fields[mpx]:.2f} Mpx/s"),
-        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("units"),
+        TextColumn("{task.fields[mpx]:.2f} Mpx/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
     )
     start = time.perf_counter()
     with Progress(*columns, disable=not progress, transient=False) as bar:

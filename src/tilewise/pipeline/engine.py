@@ -130,7 +130,7 @@ def read_padded(
     Only the in-image bounding box is read from the source (once); the padding is a gather.
     """
     _, height, width = source.shape
-    if 0 <= y0 and y1 <= height and 0 <= x0 and x1 <= width:
+    if y0 >= 0 and y1 <= height and x0 >= 0 and x1 <= width:
         return source.read(y0, y1, x0, x1)
     ylo, yhi, yi = _axis_read(y0, y1, height, mode)
     xlo, xhi, xi = _axis_read(x0, x1, width, mode)

@@ -48,9 +48,7 @@ def _multiples_around(value: int, step: int) -> tuple[int, int]:
     return lower, lower + step
 
 
-def check_tiling(
-    facts: TilingFacts, *, tile: int, halo: int | None, stitch: str, arch: str
-) -> int:
+def check_tiling(facts: TilingFacts, *, tile: int, halo: int | None, stitch: str, arch: str) -> int:
     """Check a tile/halo/stitch choice against a network's facts; return the halo to use.
 
     Raises:

@@ -38,7 +38,9 @@ class Normalizer:
         self.std = self._per_band(spec.std, channels, "std", 1.0)
 
     @staticmethod
-    def _per_band(values: list[float] | None, channels: int, name: str, default: float) -> np.ndarray:
+    def _per_band(
+        values: list[float] | None, channels: int, name: str, default: float
+    ) -> np.ndarray:
         if values is None:
             values = [default]
         if len(values) not in (1, channels):
@@ -83,13 +85,15 @@ class PreparedJob:
         if weights and Path(weights).exists():
             st = Path(weights).stat()
             stamp = [st.st_size, st.st_mtime_ns]
-        return fingerprint_of({
-            "input": job.input.model_dump(exclude={"storage_options"}),
-            "model": job.model.model_dump(),
-            "weights": stamp,
-            "tiling": job.tiling.model_dump(exclude={"batch_size"}),
-            "output": job.output.model_dump(exclude={"overwrite", "storage_options", "path"}),
-        })
+        return fingerprint_of(
+            {
+                "input": job.input.model_dump(exclude={"storage_options"}),
+                "model": job.model.model_dump(),
+                "weights": stamp,
+                "tiling": job.tiling.model_dump(exclude={"batch_size"}),
+                "output": job.output.model_dump(exclude={"overwrite", "storage_options", "path"}),
+            }
+        )
 
 
 def prepare(job: PredictJob) -> PreparedJob:
@@ -112,8 +116,15 @@ def prepare(job: PredictJob) -> PreparedJob:
         )
     facts = models.facts(m.arch, in_channels=channels, num_classes=m.num_classes, **m.args)
     plan = TilePlan.build(
-        facts, height=height, width=width, tile=t.tile, halo=t.halo, stitch=t.stitch,
-        pad_mode=t.pad_mode, pad_value=t.pad_value, arch=m.arch,
+        facts,
+        height=height,
+        width=width,
+        tile=t.tile,
+        halo=t.halo,
+        stitch=t.stitch,
+        pad_mode=t.pad_mode,
+        pad_value=t.pad_value,
+        arch=m.arch,
     )
     chunk = o.chunk or default_chunk(plan.y.tile if max(height, width) < t.tile else t.tile)
     if chunk % t.tile and chunk >= t.tile:
@@ -129,13 +140,21 @@ def prepare(job: PredictJob) -> PreparedJob:
             f"{o.shard}. Use shard: {lower} or {lower + chunk}."
         )
     layout = OutputLayout(
-        height=height, width=width, num_classes=m.num_classes, chunk=chunk, shard=o.shard,
-        labels=o.labels, probabilities=o.probabilities, compressor=o.compressor,
-        scale=image.scale, class_names=m.class_names,
+        height=height,
+        width=width,
+        num_classes=m.num_classes,
+        chunk=chunk,
+        shard=o.shard,
+        labels=o.labels,
+        probabilities=o.probabilities,
+        compressor=o.compressor,
+        scale=image.scale,
+        class_names=m.class_names,
     )
     grid = UnitGrid(height, width, o.shard or chunk)
-    return PreparedJob(job, image, facts, channels, plan, grid, layout,
-                       Normalizer(job, image.dtype, channels))
+    return PreparedJob(
+        job, image, facts, channels, plan, grid, layout, Normalizer(job, image.dtype, channels)
+    )
 
 
 def build_model(job: PredictJob, in_channels: int) -> nn.Module:

@@ -87,7 +87,7 @@ class OutputStore:
 
     # -- lifecycle (driver) ------------------------------------------------------------------
     def state(self) -> dict[str, Any] | None:
-        """The ``tilewise`` attributes of an existing output, ``{}`` for a foreign store, or None."""
+        """The ``tilewise`` attributes of an output; ``{}`` for a foreign store; None if absent."""
         if not self.fs.exists(self.path):
             return None
         try:
@@ -96,11 +96,17 @@ class OutputStore:
             )
         except (FileNotFoundError, KeyError, ValueError, TypeError):
             return {}
-        return dict(group.attrs.get("tilewise", {}))
+        state = group.attrs.get("tilewise", {})
+        return dict(state) if isinstance(state, dict) else {}
 
     def prepare(
-        self, layout: OutputLayout, *, fingerprint: str, job: dict[str, Any],
-        carried: dict[str, Any], overwrite: bool,
+        self,
+        layout: OutputLayout,
+        *,
+        fingerprint: str,
+        job: dict[str, Any],
+        carried: dict[str, Any],
+        overwrite: bool,
     ) -> bool:
         """Create the output, or reopen it to resume; return whether it is being resumed.
 
@@ -126,7 +132,11 @@ class OutputStore:
         return False
 
     def _create(
-        self, layout: OutputLayout, *, fingerprint: str, job: dict[str, Any],
+        self,
+        layout: OutputLayout,
+        *,
+        fingerprint: str,
+        job: dict[str, Any],
         carried: dict[str, Any],
     ) -> None:
         root = zarr.open_group(
@@ -139,8 +149,13 @@ class OutputStore:
             g = root.create_group("labels")
             g.attrs.update({"ome": _ome_image("labels", yx, layout.scale), **carried})
             g.create_array(
-                "0", shape=(layout.height, layout.width), chunks=chunks, shards=shards,
-                dtype=layout.labels, compressors=_compressors(layout.compressor), fill_value=0,
+                "0",
+                shape=(layout.height, layout.width),
+                chunks=chunks,
+                shards=shards,
+                dtype=layout.labels,
+                compressors=_compressors(layout.compressor),
+                fill_value=0,
                 dimension_names=("y", "x"),
             )
         if layout.probabilities:
@@ -149,9 +164,13 @@ class OutputStore:
             cyx = [{"name": "c", "type": "channel"}, *yx]
             g.attrs.update({"ome": _ome_image("probabilities", cyx, layout.scale), **carried})
             g.create_array(
-                "0", shape=(k, layout.height, layout.width), chunks=(k, *chunks),
-                shards=(k, *shards) if shards else None, dtype=layout.probabilities,
-                compressors=_compressors(layout.compressor), fill_value=0,
+                "0",
+                shape=(k, layout.height, layout.width),
+                chunks=(k, *chunks),
+                shards=(k, *shards) if shards else None,
+                dtype=layout.probabilities,
+                compressors=_compressors(layout.compressor),
+                fill_value=0,
                 dimension_names=("c", "y", "x"),
             )
         root.attrs["tilewise"] = {

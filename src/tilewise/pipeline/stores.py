@@ -12,6 +12,7 @@ from tilewise.errors import InputError, StoreNotFoundError
 __all__ = ["Axes", "InputImage", "is_url", "local_path"]
 
 Axes = Literal["cyx", "yxc", "yx"]
+_AXES_FOR_NDIM = {2: "yx", 3: "cyx or yxc"}
 _AXIS_ALIASES = {"c": "c", "band": "c", "bands": "c", "channel": "c", "y": "y", "x": "x"}
 
 
@@ -124,7 +125,7 @@ class InputImage:
             raise InputError(
                 f"input.axes '{axes}' has {len(axes)} axes but the input array has {ndim} "
                 f"dimensions (shape {tuple(node.shape)}); use "
-                f"{'cyx or yxc' if ndim == 3 else 'yx' if ndim == 2 else 'an array with 2 or 3 dimensions'}."
+                f"{_AXES_FOR_NDIM.get(ndim, 'an array with 2 or 3 dimensions')}."
             )
         self.axes: Axes = axes
         shape = tuple(int(n) for n in node.shape)

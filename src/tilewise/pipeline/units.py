@@ -41,7 +41,9 @@ class UnitGrid:
             raise IndexError(f"unit {index} outside 0..{len(self) - 1}")
         i, j = divmod(index, self.cols)
         y0, x0 = i * self.side, j * self.side
-        return Unit(index, y0, min(y0 + self.side, self.height), x0, min(x0 + self.side, self.width))
+        return Unit(
+            index, y0, min(y0 + self.side, self.height), x0, min(x0 + self.side, self.width)
+        )
 
     def __iter__(self) -> Iterator[Unit]:
         return (self.unit(k) for k in range(len(self)))

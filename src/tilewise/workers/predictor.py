@@ -37,7 +37,10 @@ class Predictor:
         dev = default_device() if device == "auto" else torch.device(device)
         model = build_model(spec, self.prepared.in_channels)
         self.engine = TileEngine(
-            model, self.prepared.plan, batch_size=spec.tiling.batch_size, device=dev,
+            model,
+            self.prepared.plan,
+            batch_size=spec.tiling.batch_size,
+            device=dev,
             preprocess=self.prepared.normalizer,
         )
         self.output = OutputStore(spec.output.path, spec.output.storage_options)

@@ -1,0 +1,178 @@
+"""Predict jobs through a real local Ray cluster and real Zarr stores."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tests.conftest import write_input
+from tests.reference import whole_image
+from tilewise import models
+from tilewise.errors import OutputExistsError
+from tilewise.pipeline.driver import run_job
+from tilewise.spec import parse_job
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _job(tmp_path: Path, **changes: Any) -> Any:
+    data: dict[str, Any] = {
+        "kind": "predict",
+        "name": "t",
+        "input": {"path": str(tmp_path / "in.zarr")},
+        "model": {
+            "arch": "unet_same",
+            "num_classes": 3,
+            "seed": 3,
+            "args": {"depth": 2, "base_width": 4},
+        },
+        "tiling": {"tile": 32, "batch_size": 3},
+        "output": {
+            "path": str(tmp_path / "out.zarr"),
+            "labels": "uint8",
+            "probabilities": "float16",
+            "chunk": 64,
+        },
+    }
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        data[section][key] = value
+    return parse_job(data)
+
+
+def _digest(store: Path) -> str:
+    """Checksum of every chunk/shard file of the output arrays (not the attributes)."""
+    h = hashlib.sha256()
+    for f in sorted(store.rglob("*")):
+        if f.is_file() and "/c/" in f.as_posix():
+            h.update(f.relative_to(store).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def test_run_equals_whole_image_inference(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr")
+    job = _job(tmp_path)
+    report = run_job(job, progress=False)
+    image = zarr.open_array(tmp_path / "in.zarr", mode="r")[:].astype(np.float32) / 255
+    torch.manual_seed(3)
+    model = models.create("unet_same", in_channels=3, num_classes=3, depth=2, base_width=4)
+    scores = whole_image(model, image, model.tiling)
+    expected_p = torch.softmax(torch.from_numpy(scores), 0).numpy()
+    out = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    probs = out["probabilities/0"][:].astype(np.float32)
+    assert np.abs(probs - expected_p).max() < 2e-3  # float16 storage
+    labels = out["labels/0"][:]
+    decided = np.sort(expected_p, axis=0)[-1] - np.sort(expected_p, axis=0)[-2] > 1e-4
+    assert np.array_equal(labels[decided], expected_p.argmax(0)[decided])
+    assert out.attrs["tilewise"]["status"] == "complete"
+    assert report.units_computed == report.units_total == 3 * 3
+
+
+def test_every_pixel_is_owned_by_exactly_one_unit_and_units_are_whole_shards(
+    tmp_path: Path,
+) -> None:
+    write_input(tmp_path / "in.zarr", shape=(3, 150, 190))
+    job = _job(tmp_path, output__shard=128)
+    run_job(job, progress=False)
+    from tilewise.pipeline.job import prepare
+
+    grid = prepare(job).grid
+    owners = np.zeros((150, 190), int)
+    for unit in grid:
+        owners[unit.y0 : unit.y1, unit.x0 : unit.x1] += 1
+        assert unit.y0 % 128 == 0 and unit.x0 % 128 == 0  # a unit starts on a shard boundary
+        assert unit.y1 - unit.y0 == min(128, 150 - unit.y0)  # ... and spans the whole shard
+    assert (owners == 1).all()
+    labels = zarr.open_array(tmp_path / "out.zarr/labels/0", mode="r")
+    assert labels.shards == (128, 128) and labels.chunks == (64, 64)
+    assert len(grid) == 4
+
+
+def test_output_does_not_depend_on_workers_or_unit_order(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr", shape=(3, 200, 170), seed=4)
+    digests = []
+    for i, (workers, shuffle) in enumerate([(1, None), (2, None), (2, 7)]):
+        job = _job(tmp_path, output__path=str(tmp_path / f"out{i}.zarr"))
+        run_job(job, workers=workers, shuffle=shuffle, progress=False)
+        digests.append(_digest(tmp_path / f"out{i}.zarr"))
+    assert digests[0] == digests[1] == digests[2]
+
+
+def test_rerun_of_a_finished_job_does_nothing(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr")
+    job = _job(tmp_path)
+    run_job(job, progress=False)
+    before = _digest(tmp_path / "out.zarr")
+    again = run_job(job, progress=False)
+    assert again.units_computed == 0 and again.units_skipped == again.units_total
+    assert _digest(tmp_path / "out.zarr") == before
+
+
+def test_resume_computes_only_the_missing_units_and_gives_the_same_bytes(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr")
+    job = _job(tmp_path)
+    run_job(job, progress=False)
+    complete = _digest(tmp_path / "out.zarr")
+    # Forget three units as if the run had stopped before them: delete their chunks and markers
+    # and mark the output unfinished.
+    out = tmp_path / "out.zarr"
+    for index in (1, 4, 8):
+        (out / ".tilewise/done" / str(index)).unlink()
+        i, j = divmod(index, 3)
+        for arr in ("labels/0", "probabilities/0"):
+            for f in (out / arr / "c").rglob("*"):
+                parts = f.relative_to(out / arr / "c").parts
+                if f.is_file() and parts[-2:] == (str(i), str(j)):
+                    f.unlink()
+    group = zarr.open_group(out, mode="r+")
+    group.attrs["tilewise"] = {**group.attrs["tilewise"], "status": "running"}
+    report = run_job(job, progress=False)
+    assert report.units_computed == 3 and report.units_skipped == 6
+    assert _digest(out) == complete
+
+
+def test_an_output_of_another_job_is_refused_then_replaced_with_overwrite(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr")
+    run_job(_job(tmp_path), progress=False)
+    other = _job(tmp_path, model__seed=4)
+    with pytest.raises(OutputExistsError, match="different job"):
+        run_job(other, progress=False)
+    report = run_job(other, overwrite=True, progress=False)
+    assert report.units_computed == report.units_total
+
+
+def test_yxc_input_with_normalisation_equals_cyx(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr")
+    data = zarr.open_array(tmp_path / "in.zarr", mode="r")[:]
+    zarr.create_array(tmp_path / "yxc.zarr", data=np.moveaxis(data, 0, -1), chunks=(64, 64, 3))
+    norm = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.3, 0.4]}
+    a = _job(tmp_path, input__normalize=norm, output__path=str(tmp_path / "a.zarr"))
+    b = _job(
+        tmp_path,
+        input__path=str(tmp_path / "yxc.zarr"),
+        input__axes="yxc",
+        input__normalize=norm,
+        output__path=str(tmp_path / "b.zarr"),
+    )
+    run_job(a, progress=False)
+    run_job(b, progress=False)
+    assert _digest(tmp_path / "a.zarr") == _digest(tmp_path / "b.zarr")
+
+
+def test_ome_zarr_level_is_read_with_its_axes_and_pixel_size(tmp_path: Path) -> None:
+    from tilewise.demo import build_mosaic
+
+    build_mosaic(tmp_path / "img.ome.zarr", 200)
+    job = _job(tmp_path, input__path=str(tmp_path / "img.ome.zarr"))
+    run_job(job, progress=False)
+    labels = zarr.open_group(tmp_path / "out.zarr/labels", mode="r")
+    scale = labels.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
+    assert scale == [{"type": "scale", "scale": [0.5, 0.5]}]
+    assert labels["0"].shape == (200, 200)

@@ -1,0 +1,74 @@
+"""A real `tilewise run` killed mid-way, then run again (DESIGN.md rule 6)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_input
+from tests.pipeline.test_driver import _digest
+
+JOB = """
+kind: predict
+input: {path: in.zarr}
+model: {arch: unet_same, num_classes: 2, seed: 1, args: {depth: 2, base_width: 8}}
+tiling: {tile: 32, batch_size: 2}
+output: {path: %s, chunk: 64}
+compute: {workers: 1}
+"""
+
+
+def _tilewise(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tilewise.cli", *args],
+        cwd=cwd,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_only_the_remaining_units_and_identical_bytes(
+    tmp_path: Path,
+) -> None:
+    write_input(tmp_path / "in.zarr", shape=(3, 640, 640), seed=9)
+    (tmp_path / "killed.yaml").write_text(JOB % "killed.zarr")
+    (tmp_path / "clean.yaml").write_text(JOB % "clean.zarr")
+    total = 10 * 10
+
+    run = _tilewise("run", "killed.yaml", "--no-progress", cwd=tmp_path)
+    done_dir = tmp_path / "killed.zarr/.tilewise/done"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None:
+        if done_dir.exists() and len(list(done_dir.iterdir())) >= 5:
+            break
+        time.sleep(0.02)
+    assert run.poll() is None, f"the run ended before it could be killed: {run.communicate()}"
+    os.killpg(run.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    run.wait()
+    done_at_kill = len(list(done_dir.iterdir()))
+    assert 5 <= done_at_kill < total
+
+    again = _tilewise("run", "killed.yaml", "--no-progress", "--json", cwd=tmp_path)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["units_skipped"] >= done_at_kill
+    assert report["units_computed"] == total - report["units_skipped"] > 0
+
+    clean = _tilewise("run", "clean.yaml", "--no-progress", "--json", cwd=tmp_path)
+    out, err = clean.communicate(timeout=300)
+    assert clean.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["units_computed"] == total
+    assert _digest(tmp_path / "killed.zarr") == _digest(tmp_path / "clean.zarr")
