@@ -1,0 +1,73 @@
+"""Opening inputs: paths and fsspec URIs, arrays, groups, OME-Zarr levels, axes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from tests.conftest import write_input
+from tilewise.demo import build_mosaic
+from tilewise.errors import InputError, StoreNotFoundError
+from tilewise.pipeline.output import OutputLayout, OutputStore
+from tilewise.pipeline.stores import InputImage
+
+
+def test_memory_url_group_with_array_path_in_yxc() -> None:
+    data = np.arange(5 * 7 * 2, dtype=np.uint16).reshape(5, 7, 2)
+    group = zarr.open_group("memory://tw-test/scene.zarr", mode="w")
+    group.create_array("bands", data=data, chunks=(4, 4, 2))
+    image = InputImage("memory://tw-test/scene.zarr", array="bands", axes="yxc")
+    assert image.shape == (2, 5, 7)
+    assert np.array_equal(image.read(1, 4, 2, 6), np.moveaxis(data[1:4, 2:6], -1, 0))
+
+
+def test_file_url_opens_like_a_path(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr")
+    image = InputImage(f"file://{tmp_path / 'in.zarr'}")
+    assert image.shape == (3, 150, 190) and image.axes == "cyx"
+
+
+def test_file_url_output_can_be_created(tmp_path: Path) -> None:
+    layout = OutputLayout(20, 30, 2, 16, None, "uint8", None, "zstd")
+    store = OutputStore(f"file://{tmp_path / 'out.zarr'}")
+    assert store.prepare(layout, fingerprint="f", job={}, carried={}, overwrite=False) is False
+    assert zarr.open_array(tmp_path / "out.zarr/labels/0", mode="r").shape == (20, 30)
+
+
+def test_ome_zarr_levels_and_axes_from_metadata(tmp_path: Path) -> None:
+    build_mosaic(tmp_path / "img.ome.zarr", 64)
+    image = InputImage(str(tmp_path / "img.ome.zarr"))
+    assert image.axes == "cyx" and image.shape == (3, 64, 64) and image.scale == [0.5, 0.5]
+    with pytest.raises(InputError, match=r"level 2 does not exist.*levels 0\.\.0"):
+        InputImage(str(tmp_path / "img.ome.zarr"), level=2)
+
+
+def test_a_single_yx_array_is_one_band(tmp_path: Path) -> None:
+    zarr.create_array(tmp_path / "g.zarr", data=np.ones((9, 11), np.float32), chunks=(4, 4))
+    image = InputImage(str(tmp_path / "g.zarr"))
+    assert image.shape == (1, 9, 11) and image.read(0, 2, 0, 3).shape == (1, 2, 3)
+
+
+def test_missing_array_in_group_lists_what_is_there(tmp_path: Path) -> None:
+    group = zarr.open_group(tmp_path / "g.zarr", mode="w")
+    group.create_array("image", shape=(4, 4), dtype="u1")
+    with pytest.raises(StoreNotFoundError, match=r"'imag'.*arrays there: image"):
+        InputImage(str(tmp_path / "g.zarr"), array="imag")
+
+
+def test_carried_attributes_keep_geospatial_keys_only(tmp_path: Path) -> None:
+    arr = zarr.create_array(
+        tmp_path / "s.zarr", shape=(3, 4, 4), dtype="u1", dimension_names=("band", "y", "x")
+    )
+    arr.attrs.update(
+        {"proj:code": "EPSG:32633", "spatial:transform": [1, 0, 0, 0, -1, 0], "note": "x"}
+    )
+    image = InputImage(str(tmp_path / "s.zarr"))
+    assert image.axes == "cyx"
+    assert image.carried_attributes() == {
+        "proj:code": "EPSG:32633",
+        "spatial:transform": [1, 0, 0, 0, -1, 0],
+    }
