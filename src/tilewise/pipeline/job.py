@@ -127,18 +127,12 @@ def prepare(job: PredictJob) -> PreparedJob:
         arch=m.arch,
     )
     chunk = o.chunk or default_chunk(plan.y.tile if max(height, width) < t.tile else t.tile)
-    if chunk % t.tile and chunk >= t.tile:
-        lower = chunk // t.tile * t.tile
-        raise PlanError(
-            f"output.chunk ({chunk}) must be a multiple of the tile ({t.tile}) so that no window "
-            f"is computed twice; got {chunk}. Use chunk: {lower} or {lower + t.tile}."
+    if chunk >= t.tile:
+        _require_multiple(
+            "output.chunk", chunk, "the tile", t.tile, " so that no window is computed twice"
         )
-    if o.shard is not None and o.shard % chunk:
-        lower = max(chunk, o.shard // chunk * chunk)
-        raise PlanError(
-            f"output.shard ({o.shard}) must be a multiple of the chunk ({chunk}); got "
-            f"{o.shard}. Use shard: {lower} or {lower + chunk}."
-        )
+    if o.shard is not None:
+        _require_multiple("output.shard", o.shard, "the chunk", chunk, "")
     layout = OutputLayout(
         height=height,
         width=width,
@@ -155,6 +149,15 @@ def prepare(job: PredictJob) -> PreparedJob:
     return PreparedJob(
         job, image, facts, channels, plan, grid, layout, Normalizer(job, image.dtype, channels)
     )
+
+
+def _require_multiple(name: str, value: int, of_name: str, of: int, why: str) -> None:
+    if value % of:
+        lower = max(of, value // of * of)
+        raise PlanError(
+            f"{name} ({value}) must be a multiple of {of_name} ({of}){why}; got {value}. "
+            f"Use {name.split('.')[-1]}: {lower} or {lower + of}."
+        )
 
 
 def build_model(job: PredictJob, in_channels: int) -> nn.Module:

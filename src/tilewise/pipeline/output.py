@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import numpy as np
@@ -85,15 +85,18 @@ class OutputStore:
         self.fs, self.path = fsspec.core.url_to_fs(self.location, **self.storage_options)
         self._group: Any = None
 
+    def _open(self, mode: Literal["r", "r+", "w"]) -> Any:
+        return zarr.open_group(
+            store=self.location, mode=mode, **_storage(self.location, self.storage_options)
+        )
+
     # -- lifecycle (driver) ------------------------------------------------------------------
     def state(self) -> dict[str, Any] | None:
         """The ``tilewise`` attributes of an output; ``{}`` for a foreign store; None if absent."""
         if not self.fs.exists(self.path):
             return None
         try:
-            group = zarr.open_group(
-                store=self.location, mode="r", **_storage(self.location, self.storage_options)
-            )
+            group = self._open("r")
         except (FileNotFoundError, KeyError, ValueError, TypeError):
             return {}
         state = group.attrs.get("tilewise", {})
@@ -116,9 +119,7 @@ class OutputStore:
         state = self.state()
         if state is not None and not overwrite:
             if state.get("fingerprint") == fingerprint:
-                self._group = zarr.open_group(
-                    store=self.location, mode="r+", **_storage(self.location, self.storage_options)
-                )
+                self._group = self._open("r+")
                 return True
             owner = "a different job" if state else "something other than tilewise"
             raise OutputExistsError(
@@ -139,9 +140,7 @@ class OutputStore:
         job: dict[str, Any],
         carried: dict[str, Any],
     ) -> None:
-        root = zarr.open_group(
-            store=self.location, mode="w", **_storage(self.location, self.storage_options)
-        )
+        root = self._open("w")
         chunks = (layout.chunk, layout.chunk)
         shards = (layout.shard, layout.shard) if layout.shard else None
         yx = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
@@ -193,9 +192,7 @@ class OutputStore:
     def group(self) -> Any:
         """The root group, opened read-write."""
         if self._group is None:
-            self._group = zarr.open_group(
-                store=self.location, mode="r+", **_storage(self.location, self.storage_options)
-            )
+            self._group = self._open("r+")
         return self._group
 
     def write_unit(self, unit: Unit, scores: np.ndarray) -> None:
