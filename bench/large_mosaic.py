@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 import psutil
 
-GB = 1024**3
-MB = 1024**2
+GB = 10**9  # decimal units throughout: 3 GB = 3e9 bytes (the stricter reading of the goal)
+MB = 10**6
 LIMIT_BYTES = 3 * GB  # the "done when" figure: all processes together under 3 GB
 BLOCK = 1024
 TILE = 512
@@ -86,16 +86,27 @@ def build_mosaic(path: Path, size: int, compressor: str) -> tuple[bool, float]:
                 return True, 0.0
         except Exception as exc:  # a half-written or foreign store: rebuild it
             print(f"input {path} not reusable ({type(exc).__name__}); rebuilding", flush=True)
-    codec = (ZstdCodec(level=3) if compressor == "zstd"
-             else BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"))
+    codec = (
+        ZstdCodec(level=3)
+        if compressor == "zstd"
+        else BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+    )
     arr = zarr.create_array(
-        store=str(path), shape=(3, size, size), chunks=(3, BLOCK, BLOCK), dtype="uint8",
-        compressors=codec, fill_value=0, dimension_names=("c", "y", "x"), overwrite=True,
+        store=str(path),
+        shape=(3, size, size),
+        chunks=(3, BLOCK, BLOCK),
+        dtype="uint8",
+        compressors=codec,
+        fill_value=0,
+        dimension_names=("c", "y", "x"),
+        overwrite=True,
     )
     base = mirror_base()
     n = -(-size // BLOCK)
-    print(f"building input {path}: (3, {size}, {size}) uint8, {n * n} blocks of "
-          f"{BLOCK} x {BLOCK}", flush=True)
+    print(
+        f"building input {path}: (3, {size}, {size}) uint8, {n * n} blocks of {BLOCK} x {BLOCK}",
+        flush=True,
+    )
     for by in range(n):
         y0, y1 = by * BLOCK, min(size, (by + 1) * BLOCK)
         for bx in range(n):
@@ -144,8 +155,10 @@ def train_tiny_unet(path: Path, steps: int) -> float:
     side, n = 128, 8
     for _ in range(steps):
         ys, xs = rng.integers(0, 512 - side, (2, n))
-        xb = torch.stack([image[:, y:y + side, x:x + side] for y, x in zip(ys, xs, strict=True)])
-        yb = torch.stack([target[y:y + side, x:x + side] for y, x in zip(ys, xs, strict=True)])
+        xb = torch.stack(
+            [image[:, y : y + side, x : x + side] for y, x in zip(ys, xs, strict=True)]
+        )
+        yb = torch.stack([target[y : y + side, x : x + side] for y, x in zip(ys, xs, strict=True)])
         loss = torch.nn.functional.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()
@@ -156,9 +169,11 @@ def train_tiny_unet(path: Path, steps: int) -> float:
     acc = float((pred == target).float().mean())
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     seconds = time.perf_counter() - t0
-    print(f"trained tiny U-Net ({sum(p.numel() for p in model.parameters())} weights, {steps} "
-          f"steps, pixel accuracy {acc:.3f} on the slide) in {seconds:.1f} s -> {path}",
-          flush=True)
+    print(
+        f"trained tiny U-Net ({sum(p.numel() for p in model.parameters())} weights, {steps} "
+        f"steps, pixel accuracy {acc:.3f} on the slide) in {seconds:.1f} s -> {path}",
+        flush=True,
+    )
     return seconds
 
 
@@ -182,14 +197,21 @@ output:
 """
 
 
-def write_job(workdir: Path, mosaic: Path, out: Path, size: int, batch_size: int,
-              weights: Path | None) -> Path:
+def write_job(
+    workdir: Path, mosaic: Path, out: Path, size: int, batch_size: int, weights: Path | None
+) -> Path:
     job = workdir / "job.yaml"
-    job.write_text(JOB_TEMPLATE.format(
-        size=size, input=mosaic, output=out, tile=TILE, batch_size=batch_size,
-        weights=f"  weights: {weights}\n  class_names: [background, dab]\n" if weights else "",
-        **ARCH_ARGS,
-    ))
+    job.write_text(
+        JOB_TEMPLATE.format(
+            size=size,
+            input=mosaic,
+            output=out,
+            tile=TILE,
+            batch_size=batch_size,
+            weights=f"  weights: {weights}\n  class_names: [background, dab]\n" if weights else "",
+            **ARCH_ARGS,
+        )
+    )
     return job
 
 
@@ -325,12 +347,30 @@ class Sampler:
                     ppid = proc.ppid()
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 continue
-            procs.append({"pid": proc.pid, "ppid": ppid, "name": name, "rss": rss, "pss": pss,
-                          "uss": uss, "in_tree": in_tree})
+            procs.append(
+                {
+                    "pid": proc.pid,
+                    "ppid": ppid,
+                    "name": name,
+                    "rss": rss,
+                    "pss": pss,
+                    "uss": uss,
+                    "in_tree": in_tree,
+                }
+            )
             self.max_per_name[name] = max(self.max_per_name.get(name, 0), pss)
-            entry = self.seen.setdefault(proc.pid, {"names": [], "ppid": ppid, "in_tree": in_tree,
-                                                    "max_rss_mb": 0.0, "max_pss_mb": 0.0})
-            if name not in entry["names"]:  # Ray workers rename themselves (ray::IDLE -> ...)
+            entry = self.seen.setdefault(
+                proc.pid,
+                {
+                    "names": [],
+                    "ppid": ppid,
+                    "in_tree": in_tree,
+                    "max_rss_mb": 0.0,
+                    "max_pss_mb": 0.0,
+                },
+            )
+            # Ray workers rename themselves (ray::IDLE -> ray::Predictor...).
+            if name != "?" and name not in entry["names"]:
                 entry["names"].append(name)
             entry["max_rss_mb"] = max(entry["max_rss_mb"], round(rss / MB, 1))
             entry["max_pss_mb"] = max(entry["max_pss_mb"], round(pss / MB, 1))
@@ -342,11 +382,18 @@ class Sampler:
             return
         self.samples += 1
         self.max_procs = max(self.max_procs, len(procs))
-        s = Sample(time.perf_counter(), sum(p["rss"] for p in procs),
-                   sum(p["pss"] for p in procs), procs)
-        self.timeline.append([round(time.time() - self.started, 1), round(s.rss / MB, 1),
-                              round(s.pss / MB, 1), len(procs),
-                              round(max(p["rss"] for p in procs) / MB, 1)])
+        s = Sample(
+            time.perf_counter(), sum(p["rss"] for p in procs), sum(p["pss"] for p in procs), procs
+        )
+        self.timeline.append(
+            [
+                round(time.time() - self.started, 1),
+                round(s.rss / MB, 1),
+                round(s.pss / MB, 1),
+                len(procs),
+                round(max(p["rss"] for p in procs) / MB, 1),
+            ]
+        )
         if self.peak_rss is None or s.rss > self.peak_rss.rss:
             self.peak_rss = s
         if self.peak_pss is None or s.pss > self.peak_pss.pss:
@@ -358,9 +405,14 @@ def leftover_ray(started: float, sessions: set[str]) -> list[str]:
     left = []
     for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
         info = p.info
-        if (info["cmdline"] and info["create_time"] and info["create_time"] + 1.0 >= started
-                and info["pid"] != os.getpid() and _looks_like_ray(info["cmdline"])
-                and _session_of(p) in sessions):
+        if (
+            info["cmdline"]
+            and info["create_time"]
+            and info["create_time"] + 1.0 >= started
+            and info["pid"] != os.getpid()
+            and _looks_like_ray(info["cmdline"])
+            and _session_of(p) in sessions
+        ):
             left.append(f"{info['pid']} {describe(p)}")
     return left
 
@@ -383,8 +435,11 @@ def verify(job_path: Path, out: Path, size: int) -> dict[str, Any]:
     labels = root["labels/0"]
     status = dict(root.attrs.get("tilewise", {})).get("status")
     result: dict[str, Any] = {
-        "labels_shape": list(labels.shape), "labels_dtype": str(labels.dtype), "status": status,
-        "shape_ok": tuple(labels.shape) == (size, size), "status_ok": status == "complete",
+        "labels_shape": list(labels.shape),
+        "labels_dtype": str(labels.dtype),
+        "status": status,
+        "shape_ok": tuple(labels.shape) == (size, size),
+        "status_ok": status == "complete",
     }
     # Spot check: an interior tile-aligned block, recomputed in process on the block plus one
     # tile of context per side. Window origins then coincide with the run's (both sit on the
@@ -400,16 +455,21 @@ def verify(job_path: Path, out: Path, size: int) -> dict[str, Any]:
         cx0, cx1 = x0 - TILE, x0 + 2 * TILE
         crop = prepared.normalizer(prepared.image.read(cy0, cy1, cx0, cx1))
         t0 = time.perf_counter()
-        scores = predict_array(model, crop, tile=TILE, batch_size=job.tiling.batch_size,
-                               device="cpu")
+        scores = predict_array(
+            model, crop, tile=TILE, batch_size=job.tiling.batch_size, device="cpu"
+        )
         seconds = time.perf_counter() - t0
-        expect = labels_from_scores(scores[:, TILE:2 * TILE, TILE:2 * TILE], "uint8")
-        got = np.asarray(labels[y0:y0 + TILE, x0:x0 + TILE])
+        expect = labels_from_scores(scores[:, TILE : 2 * TILE, TILE : 2 * TILE], "uint8")
+        got = np.asarray(labels[y0 : y0 + TILE, x0 : x0 + TILE])
         mismatches = int((expect != got).sum())
         counts = np.bincount(got.ravel(), minlength=2).tolist()
-        result.update(spot_block=[y0, x0, TILE], spot_mismatches=mismatches,
-                      spot_class_counts=counts, spot_seconds=round(seconds, 2),
-                      spot_ok=mismatches == 0)
+        result.update(
+            spot_block=[y0, x0, TILE],
+            spot_mismatches=mismatches,
+            spot_class_counts=counts,
+            spot_seconds=round(seconds, 2),
+            spot_ok=mismatches == 0,
+        )
     return result
 
 
@@ -426,26 +486,51 @@ def breakdown(sample: Sample | None) -> list[dict[str, Any]]:
     if sample is None:
         return []
     rows = sorted(sample.procs, key=lambda p: -p["pss"])
-    return [{"pid": p["pid"], "ppid": p["ppid"], "name": p["name"],
-             "rss_mb": round(p["rss"] / MB, 1),
-             "pss_mb": round(p["pss"] / MB, 1), "uss_mb": round(p["uss"] / MB, 1),
-             "in_tree": p["in_tree"]} for p in rows]
+    return [
+        {
+            "pid": p["pid"],
+            "ppid": p["ppid"],
+            "name": p["name"],
+            "rss_mb": round(p["rss"] / MB, 1),
+            "pss_mb": round(p["pss"] / MB, 1),
+            "uss_mb": round(p["uss"] / MB, 1),
+            "in_tree": p["in_tree"],
+        }
+        for p in rows
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--size", type=int, default=20000, help="mosaic side in pixels")
     p.add_argument("--workdir", default="/tmp/tw-bench", help="folder for mosaic, job, output")
     p.add_argument("--batch-size", type=int, default=4, help="tiling.batch_size of the job")
-    p.add_argument("--compressor", choices=["zstd", "blosc-lz4"], default="zstd",
-                   help="codec of the input mosaic")
+    p.add_argument(
+        "--compressor",
+        choices=["zstd", "blosc-lz4"],
+        default="zstd",
+        help="codec of the input mosaic",
+    )
     p.add_argument("--interval", type=float, default=0.2, help="memory sampling period (s)")
-    p.add_argument("--weights", choices=["trained", "seeded"], default="trained",
-                   help="trained: fit the tiny U-Net to the slide's DAB stain for a few seconds "
-                        "and save WORKDIR/tiny_unet.safetensors (default); seeded: random "
-                        "weights from model.seed (labels then are nearly constant)")
+    p.add_argument(
+        "--weights",
+        choices=["trained", "seeded"],
+        default="trained",
+        help="trained: fit the tiny U-Net to the slide's DAB stain for a few seconds "
+        "and save WORKDIR/tiny_unet.safetensors (default); seeded: random "
+        "weights from model.seed (labels then are nearly constant)",
+    )
     p.add_argument("--train-steps", type=int, default=120, help="training steps (trained)")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for the run (reaches the Ray processes it starts), "
+        "e.g. --env MALLOC_ARENA_MAX=2; repeatable",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the output checks")
     args = p.parse_args(argv)
 
@@ -463,11 +548,27 @@ def main(argv: list[str] | None = None) -> int:
 
     env = dict(os.environ)
     env.setdefault("RAY_AUTH_MODE", "disabled")
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            p.error(f"--env wants KEY=VALUE; got {item!r}")
+        env[key] = value
     if env.get("RAY_ADDRESS"):
-        print(f"warning: RAY_ADDRESS={env['RAY_ADDRESS']} is set: the run joins that cluster, "
-              f"whose processes are not children of this run and are not measured", flush=True)
-    cmd = [sys.executable, "-m", "tilewise.cli", "run", str(job), "--json", "--no-progress",
-           "--overwrite"]
+        print(
+            f"warning: RAY_ADDRESS={env['RAY_ADDRESS']} is set: the run joins that cluster, "
+            f"whose processes are not children of this run and are not measured",
+            flush=True,
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "tilewise.cli",
+        "run",
+        str(job),
+        "--json",
+        "--no-progress",
+        "--overwrite",
+    ]
     print("running:", " ".join(cmd), flush=True)
     log_path = workdir / "run.log"
     started = time.time()
@@ -497,29 +598,43 @@ def main(argv: list[str] | None = None) -> int:
     peak_rss = sampler.peak_rss.rss if sampler.peak_rss else 0
     peak_pss = sampler.peak_pss.pss if sampler.peak_pss else 0
     result: dict[str, Any] = {
-        "size": args.size, "mpx": round(mpx, 1), "input_reused": reused,
-        "input_build_s": round(build_s, 1), "weights": str(weights) if weights else "seeded",
-        "train_s": round(train_s, 1), "wall_s": round(wall, 1),
+        "size": args.size,
+        "mpx": round(mpx, 1),
+        "input_reused": reused,
+        "input_build_s": round(build_s, 1),
+        "weights": str(weights) if weights else "seeded",
+        "train_s": round(train_s, 1),
+        "wall_s": round(wall, 1),
         "mpx_per_s_wall": round(mpx / wall, 3),
         "report_seconds": round(report.get("seconds", 0.0), 1),
         "report_mpx_per_s": report.get("mpx_per_s"),
-        "units_total": report.get("units_total"), "units_computed": report.get("units_computed"),
-        "overlap": report.get("overlap"), "workers": report.get("workers"),
-        "peak_rss_sum_bytes": peak_rss, "peak_pss_sum_bytes": peak_pss,
+        "units_total": report.get("units_total"),
+        "units_computed": report.get("units_computed"),
+        "overlap": report.get("overlap"),
+        "workers": report.get("workers"),
+        "peak_rss_sum_bytes": peak_rss,
+        "peak_pss_sum_bytes": peak_pss,
         "max_single_rss_bytes": sampler.max_single.get("rss", 0),
         "max_single_rss_process": sampler.max_single.get("name"),
-        "under_3gb_pss": peak_pss < LIMIT_BYTES, "under_3gb_rss": peak_rss < LIMIT_BYTES,
-        "samples": sampler.samples, "max_processes": sampler.max_procs,
+        "under_3gb_pss": peak_pss < LIMIT_BYTES,
+        "under_3gb_rss": peak_rss < LIMIT_BYTES,
+        "samples": sampler.samples,
+        "max_processes": sampler.max_procs,
         "processes_seen": {str(k): v for k, v in sampler.seen.items()},
         "ray_sessions": sorted(sampler.sessions),
-        "max_pss_by_process_name_mb": {k: round(v / MB, 1) for k, v in sorted(
-            sampler.max_per_name.items(), key=lambda kv: -kv[1])},
+        "max_pss_by_process_name_mb": {
+            k: round(v / MB, 1)
+            for k, v in sorted(sampler.max_per_name.items(), key=lambda kv: -kv[1])
+        },
         "escaped_processes": {str(k): v for k, v in sampler.escaped.items()},
-        "leftover_ray_processes": left, "pss_unavailable": sampler.pss_errors,
+        "leftover_ray_processes": left,
+        "pss_unavailable": sampler.pss_errors,
         "peak_pss_at_s": round(sampler.peak_pss.t - t0, 1) if sampler.peak_pss else None,
         "breakdown_at_peak_pss": breakdown(sampler.peak_pss),
         "breakdown_at_peak_rss": breakdown(sampler.peak_rss),
-        "cpus": os.cpu_count(), "report": report,
+        "cpus": os.cpu_count(),
+        "extra_env": args.env,
+        "report": report,
         "timeline_s_rssMB_pssMB_nprocs_maxrssMB": sampler.timeline,
     }
     if not args.no_verify:
@@ -530,16 +645,27 @@ def main(argv: list[str] | None = None) -> int:
         ("Mpx", f"{mpx:.1f}"),
         ("wall time", f"{wall:.1f} s (tilewise report: {result['report_seconds']} s)"),
         ("Mpx/s", f"{mpx / wall:.2f} wall, {report.get('mpx_per_s')} reported"),
-        ("units", f"{report.get('units_computed')} / {report.get('units_total')} "
-                  f"(overlap {report.get('overlap')}x, {report.get('workers')} worker)"),
+        (
+            "units",
+            f"{report.get('units_computed')} / {report.get('units_total')} "
+            f"(overlap {report.get('overlap')}x, {report.get('workers')} worker)",
+        ),
         ("peak RSS sum", gb(peak_rss) + " (counts shared pages once per process)"),
         ("peak PSS sum", gb(peak_pss)),
-        ("max 1-proc RSS", f"{gb(result['max_single_rss_bytes'])} "
-                           f"({result['max_single_rss_process']})"),
-        ("under 3 GB", f"PSS {'yes' if peak_pss < LIMIT_BYTES else 'NO'}, "
-                       f"RSS {'yes' if peak_rss < LIMIT_BYTES else 'NO'}"),
-        ("processes", f"{sampler.max_procs} at most, {len(sampler.seen)} seen, "
-                      f"{len(sampler.escaped)} outside the tree, {sampler.samples} samples"),
+        (
+            "max 1-proc RSS",
+            f"{gb(result['max_single_rss_bytes'])} ({result['max_single_rss_process']})",
+        ),
+        (
+            "under 3 GB",
+            f"PSS {'yes' if peak_pss < LIMIT_BYTES else 'NO'}, "
+            f"RSS {'yes' if peak_rss < LIMIT_BYTES else 'NO'}",
+        ),
+        (
+            "processes",
+            f"{sampler.max_procs} at most, {len(sampler.seen)} seen, "
+            f"{len(sampler.escaped)} outside the tree, {sampler.samples} samples",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     print()
@@ -548,30 +674,38 @@ def main(argv: list[str] | None = None) -> int:
     tl = sampler.timeline
     if tl:
         marks = sorted({min(len(tl) - 1, int(len(tl) * f)) for f in (0.1, 0.25, 0.5, 0.75, 0.9)})
-        print("PSS sum over time: " + ", ".join(f"{tl[i][0]:.0f} s {tl[i][2] / 1024:.2f} GB"
-                                                for i in marks))
+        print(
+            "PSS sum over time: "
+            + ", ".join(f"{tl[i][0]:.0f} s {tl[i][2] / 1024:.2f} GB" for i in marks)
+        )
     print(f"\nat peak PSS ({result['peak_pss_at_s']} s into the run):")
     for r in result["breakdown_at_peak_pss"]:
-        print(f"  {r['pid']:>7} (parent {r['ppid']:>7})  {r['name']:<30} RSS "
-              f"{r['rss_mb']:>7.1f} MB  PSS {r['pss_mb']:>7.1f} MB  USS {r['uss_mb']:>7.1f} MB"
-              f"{'' if r['in_tree'] else '  (outside tree)'}")
+        print(
+            f"  {r['pid']:>7} (parent {r['ppid']:>7})  {r['name']:<30} RSS "
+            f"{r['rss_mb']:>7.1f} MB  PSS {r['pss_mb']:>7.1f} MB  USS {r['uss_mb']:>7.1f} MB"
+            f"{'' if r['in_tree'] else '  (outside tree)'}"
+        )
     print("\nevery process seen (max over the run):")
     for pid, e in sorted(sampler.seen.items(), key=lambda kv: -kv[1]["max_pss_mb"]):
-        print(f"  {pid:>7} (parent {e['ppid']:>7})  {' -> '.join(e['names']):<44} RSS "
-              f"{e['max_rss_mb']:>7.1f} MB  PSS {e['max_pss_mb']:>7.1f} MB"
-              f"{'' if e['in_tree'] else '  (outside tree)'}")
+        print(
+            f"  {pid:>7} (parent {e['ppid']:>7})  {' -> '.join(e['names']):<44} RSS "
+            f"{e['max_rss_mb']:>7.1f} MB  PSS {e['max_pss_mb']:>7.1f} MB"
+            f"{'' if e['in_tree'] else '  (outside tree)'}"
+        )
     if left:
         print(f"\nRay processes still alive after the run: {left}")
     if "verify" in result:
         v = result["verify"]
         print(f"\noutput labels/0 {v['labels_shape']} {v['labels_dtype']}, status {v['status']}")
         if "spot_mismatches" in v:
-            print(f"spot check {v['spot_block']}: {v['spot_mismatches']} of {TILE * TILE} px "
-                  f"differ from predict_array (class counts {v['spot_class_counts']})")
+            print(
+                f"spot check {v['spot_block']}: {v['spot_mismatches']} of {TILE * TILE} px "
+                f"differ from predict_array (class counts {v['spot_class_counts']})"
+            )
     (workdir / "result.json").write_text(json.dumps(result, indent=2))
     print(f"\nwrote {workdir / 'result.json'}")
-    ok = result.get("verify", {}).get("shape_ok", True) and result.get("verify", {}).get(
-        "status_ok", True)
+    checks = result.get("verify", {})
+    ok = all(checks.get(k, True) for k in ("shape_ok", "status_ok", "spot_ok"))
     return 0 if ok else 1
 
 
