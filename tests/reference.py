@@ -65,3 +65,56 @@ class PoolNet(nn.Module):
         """Receptive-field radius: 3x3 convs at each scale plus the pooling phase."""
         s = 2**self.pools
         return sum(2**k for k in range(self.pools)) + s + (s - 1) + 1
+
+
+def sliding_window_reference(
+    model: nn.Module, image: np.ndarray, *, crop: int, stride: int, flip: bool
+) -> np.ndarray:
+    """PSPNet's ``scale_process.m`` written out directly on the whole image (probabilities).
+
+    The image is padded at the bottom/right to at least ``crop`` with zeros (the mean of a
+    normalised image), windows start every ``stride`` pixels with the last one moved back to end
+    at the border, each window's probabilities are softmax(score(x) + flip(score(flip(x)))), and
+    overlapping windows are averaged.
+    """
+    c, h, w = image.shape
+    ph, pw = max(h, crop), max(w, crop)
+    padded = np.zeros((c, ph, pw), image.dtype)
+    padded[:, :h, :w] = image
+    dtype = next(model.parameters()).dtype
+    total = None
+    count = np.zeros((ph, pw))
+    rows = -(-(ph - crop) // stride) + 1
+    cols = -(-(pw - crop) // stride) + 1
+    model.eval()
+    for i in range(rows):
+        for j in range(cols):
+            y0 = min(i * stride, ph - crop)
+            x0 = min(j * stride, pw - crop)
+            x = torch.from_numpy(padded[:, y0 : y0 + crop, x0 : x0 + crop]).to(dtype)[None]
+            with torch.inference_mode():
+                s = model(x)
+                if flip:
+                    s = s + model(x.flip(-1)).flip(-1)
+                p = torch.softmax(s.double(), dim=1)[0].numpy()
+            if total is None:
+                total = np.zeros((p.shape[0], ph, pw))
+            total[:, y0 : y0 + crop, x0 : x0 + crop] += p
+            count[y0 : y0 + crop, x0 : x0 + crop] += 1
+    assert total is not None
+    return (total / count)[:, :h, :w]
+
+
+class GlobalContextNet(nn.Module):
+    """A small net with a global average (PSPNet's bin 1): not translation-equivariant."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.context = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, num_classes, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.relu(self.conv(x))
+        g = self.context(f.mean(dim=(-2, -1), keepdim=True))
+        return self.head(torch.relu(f + g))

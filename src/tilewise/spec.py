@@ -202,6 +202,13 @@ class ModelSpec(BaseModel):
             "(from seed). Relative paths are relative to the job file's folder."
         ),
     )
+    tta: Literal["none", "flip"] = Field(
+        default="none",
+        description=(
+            "Test-time augmentation: 'flip' averages the probabilities of the window and its "
+            "horizontal mirror image (exact tiling is kept)."
+        ),
+    )
     seed: int = Field(default=0, description="Initialisation seed, used when no weights are given.")
     class_names: list[str] | None = Field(
         default=None,
@@ -221,6 +228,23 @@ class ModelSpec(BaseModel):
     @classmethod
     def _resolve_weights(cls, value: str | None, info: ValidationInfo) -> str | None:
         return None if value is None else resolve_location(value, _base_dir(info))
+
+    @field_validator("args")
+    @classmethod
+    def _resolve_member_weights(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # Ensemble members ({arch, args, weights}) name their own weights files; like
+        # model.weights, relative paths are relative to the job file's folder.
+        def resolve(member: Any) -> Any:
+            if isinstance(member, dict) and isinstance(member.get("weights"), str):
+                return {**member, "weights": resolve_location(member["weights"], _base_dir(info))}
+            return member
+
+        out = dict(value)
+        if isinstance(out.get("members"), list):
+            out["members"] = [resolve(m) for m in out["members"]]
+        if "member" in out:
+            out["member"] = resolve(out["member"])
+        return out
 
 
 class TilingSpec(BaseModel):
@@ -243,11 +267,25 @@ class TilingSpec(BaseModel):
             "(stitch: crop then equals whole-image inference)."
         ),
     )
-    stitch: Literal["crop", "blend"] = Field(
+    stitch: Literal["crop", "blend", "sliding"] = Field(
         default="crop",
         description=(
             "'crop' keeps each window's centre (exact for translation-equivariant networks); "
-            "'blend' cross-fades overlapping windows with weights summing to one."
+            "'blend' cross-fades overlapping windows with weights summing to one; 'sliding' is "
+            "PSPNet's evaluation: fixed windows of `tile` output pixels every `step` pixels, "
+            "their probabilities averaged (for networks with global pooling)."
+        ),
+    )
+    step: int | None = Field(
+        default=None,
+        ge=1,
+        description="stitch: sliding only: window step in pixels; null = 2/3 of the tile.",
+    )
+    flip: bool = Field(
+        default=False,
+        description=(
+            "stitch: sliding only: add the scores of the horizontally flipped window before the "
+            "softmax, as PSPNet's evaluation does."
         ),
     )
     pad_mode: Literal["reflect", "symmetric", "constant"] = Field(
@@ -425,7 +463,7 @@ class PredictJob(BaseModel):
         return self
 
     def _tiling_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
-        from tilewise.pipeline.geometry import check_tiling
+        from tilewise.pipeline.geometry import check_sliding, check_tiling
 
         model, tiling = self.model, self.tiling
         try:
@@ -437,18 +475,38 @@ class PredictJob(BaseModel):
             )
         except ConfigError as exc:
             return [(("model", "args"), str(exc))]
+        if model.tta == "flip":
+            from tilewise.models.ensemble import flip_facts
+
+            arch_facts = flip_facts(arch_facts)
         try:
-            check_tiling(
-                arch_facts,
-                tile=tiling.tile,
-                halo=tiling.halo,
-                stitch=tiling.stitch,
-                arch=model.arch,
-            )
+            if tiling.stitch == "sliding":
+                check_sliding(
+                    arch_facts,
+                    tile=tiling.tile,
+                    halo=tiling.halo,
+                    step=tiling.step,
+                    arch=model.arch,
+                )
+            else:
+                if tiling.step is not None or tiling.flip:
+                    raise PlanError(
+                        f"tiling.step and tiling.flip belong to stitch: sliding; got stitch: "
+                        f"{tiling.stitch}. Use stitch: sliding, or remove them."
+                    )
+                check_tiling(
+                    arch_facts,
+                    tile=tiling.tile,
+                    halo=tiling.halo,
+                    stitch=tiling.stitch,
+                    arch=model.arch,
+                )
         except PlanError as exc:
             message = str(exc)
             if message.startswith("halo") or "tiling.halo" in message:
                 field = "halo"
+            elif message.startswith("tiling.step"):
+                field = "step"
             elif message.startswith("stitch"):
                 field = "stitch"
             else:

@@ -64,10 +64,12 @@ def probe_size_rule(
     repeat with the stride, so the first valid size and the stride give the rule.
     """
     first = -(-start // stride) * stride if margin == 0 else start
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     for n in range(first, first + 4 * stride + 1):
         try:
             with torch.inference_mode():
-                y = model(torch.zeros(1, in_channels, n, n, device=device))
+                y = model(torch.zeros(1, in_channels, n, n, device=device, dtype=dtype))
         except RuntimeError:
             continue
         if tuple(y.shape[-2:]) == (n - 2 * margin,) * 2:
@@ -110,6 +112,8 @@ def predict_array(
     batch_size: int = 4,
     device: torch.device | str | None = None,
     unit: int | None = None,
+    step: int | None = None,
+    flip: bool = False,
 ) -> np.ndarray:
     """Segment an in-memory image by overlap-tile inference.
 
@@ -121,12 +125,16 @@ def predict_array(
         halo: context per side; defaults to the model's exact halo (required for plain modules).
         stride: total down-sampling of a plain module (default 1).
         margin: pixels a plain valid-convolution module loses per side (default 0).
-        stitch: ``"crop"`` (exact) or ``"blend"`` (cross-faded windows, weights summing to one).
+        stitch: ``"crop"`` (exact), ``"blend"`` (cross-faded windows, weights summing to one) or
+            ``"sliding"`` (PSPNet's evaluation: fixed windows of ``tile`` output pixels every
+            ``step`` pixels, probabilities averaged; no halo).
         pad_mode: border padding against the whole image: ``reflect`` (U-Net), ``symmetric``
             or ``constant`` (``pad_value``).
         batch_size: windows per forward pass.
         device: where the network runs (default: CUDA when available).
         unit: side of the in-memory write units (default: the tile rounded up to >= 1024 px).
+        step: sliding-window step (default 2/3 of the tile); ``stitch="sliding"`` only.
+        flip: add the scores of the horizontally flipped window (PSPNet); sliding only.
 
     Returns:
         (K, H, W) float32 scores.
@@ -139,6 +147,8 @@ def predict_array(
     try:
         facts = _module_facts(model, stride, margin, halo)
         if facts is None:
+            if halo is None and stitch == "sliding":
+                halo = margin or 0
             if halo is None:
                 raise PlanError(
                     "halo is required for a module without tiling facts: give the context per "
@@ -156,7 +166,10 @@ def predict_array(
                 device=dev,
             )
             facts = TilingFacts(stride=s, margin=m, halo=h, size_rule=rule)
-            check_tiling(facts, tile=tile, halo=halo, stitch=stitch, arch=type(model).__name__)
+            if stitch != "sliding":
+                check_tiling(facts, tile=tile, halo=halo, stitch=stitch, arch=type(model).__name__)
+            else:
+                halo = None
         plan = TilePlan.build(
             facts,
             height=height,
@@ -167,6 +180,8 @@ def predict_array(
             pad_mode=pad_mode,
             pad_value=pad_value,
             arch=type(model).__name__,
+            step=step,
+            flip=flip,
         )
         engine = TileEngine(model, plan, batch_size=batch_size, device=dev)
         side = unit or plan.y.tile * max(1, -(-1024 // plan.y.tile))

@@ -21,10 +21,13 @@ from tilewise.models.registry import TilingFacts
 from tilewise.pipeline.geometry import (
     AxisGeometry,
     PadMode,
+    SlidingAxis,
     Stitch,
     axis_geometry,
     blend_weights,
+    check_sliding,
     check_tiling,
+    sliding_axis,
     source_indices,
 )
 
@@ -65,11 +68,12 @@ class TilePlan:
     """Window geometry of a whole image: the product of two :class:`AxisGeometry`."""
 
     facts: TilingFacts
-    y: AxisGeometry
-    x: AxisGeometry
+    y: AxisGeometry | SlidingAxis
+    x: AxisGeometry | SlidingAxis
     stitch: Stitch
     pad_mode: PadMode
     pad_value: float
+    flip: bool = False
 
     @classmethod
     def build(
@@ -84,10 +88,29 @@ class TilePlan:
         pad_mode: PadMode = "reflect",
         pad_value: float = 0.0,
         arch: str = "model",
+        step: int | None = None,
+        flip: bool = False,
     ) -> TilePlan:
-        """Check the tiling rules and lay out the windows of an ``height × width`` image."""
-        h = check_tiling(facts, tile=tile, halo=halo, stitch=stitch, arch=arch)
+        """Check the tiling rules and lay out the windows of an ``height × width`` image.
+
+        ``step`` and ``flip`` belong to ``stitch: sliding`` (PSPNet's evaluation): the window
+        step (default 2/3 of the tile) and the horizontal-flip averaging of each window's scores.
+        """
         source_indices(0, 1, 1, pad_mode)  # rejects an unknown pad mode before any work
+        if stitch == "sliding":
+            if tile < 1:
+                raise PlanError(f"tile must be at least 1 pixel; got {tile}.")
+            st = check_sliding(facts, tile=tile, halo=halo, step=step, arch=arch)
+            sy = sliding_axis(facts, size=height, tile=tile, step=st)
+            sx = sliding_axis(facts, size=width, tile=tile, step=st)
+            return cls(facts, sy, sx, stitch, pad_mode, pad_value, flip)
+        if step is not None or flip:
+            raise PlanError(
+                f"tiling.step and tiling.flip belong to stitch: sliding; got stitch: {stitch}. "
+                f"Use stitch: sliding, or remove them (flip-averaged exact tiling is the "
+                f"model.tta: flip option)."
+            )
+        h = check_tiling(facts, tile=tile, halo=halo, stitch=stitch, arch=arch)
         y = axis_geometry(facts, size=height, tile=tile, halo=h, stitch=stitch)
         x = axis_geometry(facts, size=width, tile=tile, halo=h, stitch=stitch)
         return cls(facts, y, x, stitch, pad_mode, pad_value)
@@ -189,10 +212,16 @@ class TileEngine:
         self._weights_x: dict[int, np.ndarray] = {}
 
     def forward(self, windows: np.ndarray) -> np.ndarray:
-        """Scores of a (B, C, n, n) float32 batch as (B, K, n - 2m, n - 2m) float32."""
+        """Scores of a (B, C, n, n) float32 batch as (B, K, n - 2m, n - 2m) float32.
+
+        With ``plan.flip`` the scores are PSPNet's ``score(x) + flip(score(flip(x)))``
+        (horizontal flip), summed before the softmax as in ``scale_process.m``.
+        """
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(windows)).to(self.device, self.dtype)
             scores = self.model(x)
+            if self.plan.flip:
+                scores = scores + self.model(x.flip(-1)).flip(-1)
             return scores.float().cpu().numpy()
 
     def predict_unit(self, source: ImageSource, unit: Unit) -> np.ndarray:
@@ -207,7 +236,8 @@ class TileEngine:
         out_y, out_x = ny - 2 * plan.facts.margin, nx - 2 * plan.facts.margin
         uh, uw = unit.y1 - unit.y0, unit.x1 - unit.x0
         acc: np.ndarray | None = None
-        wsum = np.zeros((uh, uw), np.float32) if plan.stitch == "blend" else None
+        sliding = plan.stitch == "sliding"
+        wsum = np.zeros((uh, uw), np.float32) if plan.stitch != "crop" else None
         for batch in _batches(plan.windows(unit), self.batch_size):
             stack = np.stack(
                 [
@@ -228,6 +258,8 @@ class TileEngine:
                 )
             if acc is None:
                 acc = np.zeros((scores.shape[1], uh, uw), np.float32)
+            if sliding:
+                scores = _probabilities(scores)
             for (ky, kx), s in zip(batch, scores, strict=True):
                 if wsum is None:
                     self._place_core(acc, s, unit, ky, kx)
@@ -236,10 +268,15 @@ class TileEngine:
         assert acc is not None  # every unit has at least one window
         if wsum is not None:
             acc /= wsum
+        if sliding:
+            # Averaged probabilities go back to scores whose softmax (sigmoid) is exactly them,
+            # so labels and stored probabilities follow from one representation.
+            return _scores_of(acc)
         return acc
 
     def _place_core(self, acc: np.ndarray, s: np.ndarray, unit: Unit, ky: int, kx: int) -> None:
         p = self.plan
+        assert isinstance(p.y, AxisGeometry) and isinstance(p.x, AxisGeometry)
         cy0, cy1 = p.y.core(ky)
         cx0, cx1 = p.x.core(kx)
         y0, y1 = max(cy0, unit.y0), min(cy1, unit.y1)
@@ -255,8 +292,8 @@ class TileEngine:
         p = self.plan
         sy0, sy1 = p.y.support(ky)
         sx0, sx1 = p.x.support(kx)
-        wy = self._weights_y.setdefault(ky, blend_weights(p.y, ky))
-        wx = self._weights_x.setdefault(kx, blend_weights(p.x, kx))
+        wy = self._weights_y.setdefault(ky, _weights(p.y, ky))
+        wx = self._weights_x.setdefault(kx, _weights(p.x, kx))
         y0, y1 = max(sy0, unit.y0), min(sy1, unit.y1)
         x0, x1 = max(sx0, unit.x0), min(sx1, unit.x1)
         if y0 >= y1 or x0 >= x1:
@@ -267,3 +304,28 @@ class TileEngine:
             w * s[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox]
         )
         wsum[y0 - unit.y0 : y1 - unit.y0, x0 - unit.x0 : x1 - unit.x0] += w
+
+
+def _weights(axis: AxisGeometry | SlidingAxis, k: int) -> np.ndarray:
+    """Blend weights of window ``k``; sliding windows are plainly averaged (weight one)."""
+    if isinstance(axis, SlidingAxis):
+        s0, s1 = axis.support(k)
+        return np.ones(s1 - s0, np.float32)
+    return blend_weights(axis, k)
+
+
+def _probabilities(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the class axis of (B, K, h, w) scores (sigmoid for one score map)."""
+    if scores.shape[1] == 1:
+        return (1.0 / (1.0 + np.exp(-scores))).astype(np.float32)
+    e = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _scores_of(p: np.ndarray) -> np.ndarray:
+    """Scores whose softmax (sigmoid for one map) is the (K, h, w) probabilities ``p``."""
+    tiny = np.float32(1e-30)
+    if p.shape[0] == 1:
+        q = np.clip(p, tiny, 1 - 1e-7)
+        return np.log(q / (1 - q)).astype(np.float32)
+    return np.log(np.maximum(p, tiny)).astype(np.float32)

@@ -27,16 +27,19 @@ from tilewise.models.registry import TilingFacts
 __all__ = [
     "AxisGeometry",
     "PadMode",
+    "SlidingAxis",
     "Stitch",
     "TilingWarning",
     "axis_geometry",
     "blend_weights",
+    "check_sliding",
     "check_tiling",
+    "sliding_axis",
     "source_indices",
 ]
 
 PadMode = Literal["reflect", "symmetric", "constant"]
-Stitch = Literal["crop", "blend"]
+Stitch = Literal["crop", "blend", "sliding"]
 
 
 class TilingWarning(UserWarning):
@@ -51,6 +54,8 @@ def _multiples_around(value: int, step: int) -> tuple[int, int]:
 def check_tiling(facts: TilingFacts, *, tile: int, halo: int | None, stitch: str, arch: str) -> int:
     """Check a tile/halo/stitch choice against a network's facts; return the halo to use.
 
+    ``stitch: sliding`` has rules of its own (:func:`check_sliding`) and is sent there.
+
     Raises:
         PlanError: a tile off the stride, a halo below the margin or (for ``crop``) below the
             exact halo, a halo larger than the tile, or ``crop`` for a non-equivariant net.
@@ -58,6 +63,9 @@ def check_tiling(facts: TilingFacts, *, tile: int, halo: int | None, stitch: str
     s = facts.stride
     if tile < 1:
         raise PlanError(f"tile must be at least 1 pixel; got {tile}.")
+    if stitch == "sliding":
+        check_sliding(facts, tile=tile, halo=halo, step=None, arch=arch)
+        return 0
     if tile % s:
         lo, hi = _multiples_around(tile, s)
         raise PlanError(
@@ -65,7 +73,7 @@ def check_tiling(facts: TilingFacts, *, tile: int, halo: int | None, stitch: str
             f"Use tile: {lo} or {hi}."
         )
     if stitch not in ("crop", "blend"):
-        raise PlanError(f"stitch must be 'crop' or 'blend'; got {stitch!r}.")
+        raise PlanError(f"stitch must be 'crop', 'blend' or 'sliding'; got {stitch!r}.")
     if stitch == "crop" and not facts.equivariant:
         why = f" ({facts.note})" if facts.note else ""
         raise PlanError(
@@ -230,3 +238,115 @@ def source_indices(start: int, stop: int, size: int, mode: PadMode) -> np.ndarra
         j = np.mod(i, period)
         return np.where(j >= size, period - 1 - j, j)
     raise PlanError(f"pad_mode must be 'reflect', 'symmetric' or 'constant'; got {mode!r}.")
+
+
+def check_sliding(
+    facts: TilingFacts, *, tile: int, halo: int | None, step: int | None, arch: str
+) -> int:
+    """Check a ``stitch: sliding`` choice; return the window step.
+
+    The sliding window is PSPNet's own evaluation (``scale_process.m``): fixed windows (the crop,
+    ``tile`` output pixels) every ``step`` pixels (default ⌈2/3 · tile⌉), the last one moved back
+    to end at the image border, and the probabilities of overlapping windows averaged. The window
+    must be a size the network takes; no halo applies (the window is the crop).
+    """
+    if halo is not None:
+        raise PlanError(
+            f"halo has no meaning with stitch: sliding (each window is a fixed crop of tile "
+            f"pixels); got halo {halo}. Remove tiling.halo, or use stitch: blend."
+        )
+    window = tile + 2 * facts.margin
+    if not facts.size_rule.is_valid(window):
+        rule = facts.size_rule
+        lo = rule.ceil(window) - rule.step if window > rule.minimum else rule.minimum
+        hi = rule.ceil(window + 1) if rule.ceil(window) == window else rule.ceil(window)
+        lo, hi = max(rule.minimum, lo), max(hi, rule.minimum)
+        raise PlanError(
+            f"with stitch: sliding the window (tile + 2 x margin = {window}) must be an input "
+            f"size that arch '{arch}' takes ({rule.minimum} + k x {rule.step}); got tile {tile}. "
+            f"Use tile: {lo - 2 * facts.margin} or {hi - 2 * facts.margin}."
+        )
+    default = -(-2 * tile // 3)
+    if step is None:
+        return default
+    if not 1 <= step <= tile:
+        raise PlanError(
+            f"tiling.step must be between 1 and the tile ({tile}) so that windows overlap or "
+            f"touch; got {step}. Use step: {default} (2/3 of the tile, as in PSPNet)."
+        )
+    return step
+
+
+@dataclass(frozen=True)
+class SlidingAxis:
+    """Sliding-window placement along one axis (``stitch: sliding``).
+
+    Window ``k`` predicts output pixels ``[t_k, t_k + tile)`` with ``t_k = min(k * step,
+    size - tile)`` — PSPNet's ``scale_process.m`` moves the last window back to end at the border.
+    An image shorter than the tile gets one window, padded past its end. The placement depends
+    only on the image size, so units cut anywhere see the same windows.
+    """
+
+    size: int
+    tile: int
+    step: int
+    margin: int
+
+    @property
+    def window(self) -> int:
+        """Input pixels of every window."""
+        return self.tile + 2 * self.margin
+
+    @property
+    def halo(self) -> int:
+        """Context guaranteed per side: only what the network itself consumes (the margin)."""
+        return self.margin
+
+    @property
+    def cores(self) -> int:
+        """Number of windows along the axis."""
+        if self.size <= self.tile:
+            return 1
+        return -(-(self.size - self.tile) // self.step) + 1
+
+    def output_origin(self, k: int) -> int:
+        """Image coordinate of the first output pixel of window ``k``."""
+        return max(0, min(k * self.step, self.size - self.tile))
+
+    def origin(self, k: int) -> int:
+        """Image coordinate of the first input pixel of window ``k`` (may be negative)."""
+        return self.output_origin(k) - self.margin
+
+    def support(self, k: int) -> tuple[int, int]:
+        """Output pixels (inside the image) that window ``k`` predicts."""
+        t = self.output_origin(k)
+        return t, min(self.size, t + self.tile)
+
+    def windows_for(self, u0: int, u1: int) -> range:
+        """The windows whose support intersects output pixels ``[u0, u1)``."""
+        ks = [k for k in self._candidates(u0, u1) if self._hits(k, u0, u1)]
+        return range(ks[0], ks[-1] + 1)
+
+    def _candidates(self, u0: int, u1: int) -> range:
+        first = max(0, (u0 - self.tile) // self.step)
+        return range(first, min(self.cores, u1 // self.step + 1))
+
+    def _hits(self, k: int, u0: int, u1: int) -> bool:
+        s0, s1 = self.support(k)
+        return s0 < u1 and s1 > u0
+
+    def read_range(self, u0: int, u1: int) -> tuple[int, int]:
+        """Input pixels read once for output ``[u0, u1)``."""
+        ks = self.windows_for(u0, u1)
+        return self.origin(ks[0]), self.origin(ks[-1]) + self.window
+
+    def computed_pixels(self, u0: int, u1: int) -> int:
+        """Input pixels pushed through the network for output ``[u0, u1)`` along this axis."""
+        return len(self.windows_for(u0, u1)) * self.window
+
+
+def sliding_axis(facts: TilingFacts, *, size: int, tile: int, step: int) -> SlidingAxis:
+    """Plan the sliding windows along one axis (tile and step already checked)."""
+    if size < 1:
+        raise PlanError(f"the image must have at least one pixel along each axis; got {size}.")
+    return SlidingAxis(size, tile, step, facts.margin)

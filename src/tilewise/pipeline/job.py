@@ -16,7 +16,9 @@ from torch import nn
 
 from tilewise import models
 from tilewise.errors import ConfigError, InputError, PlanError
+from tilewise.models.ensemble import FlipAverage, flip_facts
 from tilewise.models.registry import TilingFacts
+from tilewise.models.weights import load_state_file
 from tilewise.pipeline.engine import TilePlan
 from tilewise.pipeline.output import OutputLayout, fingerprint_of
 from tilewise.pipeline.stores import InputImage
@@ -115,6 +117,8 @@ def prepare(job: PredictJob) -> PreparedJob:
             f"Use labels: uint16."
         )
     facts = models.facts(m.arch, in_channels=channels, num_classes=m.num_classes, **m.args)
+    if m.tta == "flip":
+        facts = flip_facts(facts)
     plan = TilePlan.build(
         facts,
         height=height,
@@ -125,9 +129,15 @@ def prepare(job: PredictJob) -> PreparedJob:
         pad_mode=t.pad_mode,
         pad_value=t.pad_value,
         arch=m.arch,
+        step=t.step,
+        flip=t.flip,
     )
-    chunk = o.chunk or default_chunk(plan.y.tile if max(height, width) < t.tile else t.tile)
-    if chunk >= t.tile:
+    if t.stitch == "sliding":
+        # Sliding windows straddle any grid, so the chunk need not follow the tile.
+        chunk = o.chunk or 1024
+    else:
+        chunk = o.chunk or default_chunk(plan.y.tile if max(height, width) < t.tile else t.tile)
+    if chunk >= t.tile and t.stitch != "sliding":
         _require_multiple(
             "output.chunk", chunk, "the tile", t.tile, " so that no window is computed twice"
         )
@@ -170,7 +180,7 @@ def build_model(job: PredictJob, in_channels: int) -> nn.Module:
     torch.manual_seed(m.seed)
     model = models.create(m.arch, in_channels=in_channels, num_classes=m.num_classes, **m.args)
     if m.weights:
-        state = _load_state(m.weights)
+        state = load_state_file(m.weights, what="model.weights")
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
@@ -179,32 +189,6 @@ def build_model(job: PredictJob, in_channels: int) -> nn.Module:
                 f"weights '{m.weights}' do not fit arch '{m.arch}' with {in_channels} input "
                 f"channels and {m.num_classes} classes: {' '.join(first)}"
             ) from None
+    if m.tta == "flip":
+        model = FlipAverage(model)
     return model.eval()
-
-
-def _load_state(location: str) -> dict[str, torch.Tensor]:
-    import io
-
-    import fsspec
-
-    if not Path(location).exists() and "://" not in location:
-        raise ConfigError(f"model.weights '{location}' does not exist.")
-    try:
-        with fsspec.open(location, "rb") as fh:
-            data = fh.read()
-        if location.endswith(".safetensors"):
-            from safetensors.torch import load
-
-            state: Any = load(data)
-        else:
-            # weights_only: never unpickle arbitrary objects from a weights file.
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # any reader error means: not a readable weights file
-        raise ConfigError(
-            f"model.weights '{location}' cannot be read as a state dict "
-            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}). "
-            f"Give a .safetensors file or a torch state dict saved with torch.save."
-        ) from None
-    if not isinstance(state, dict):
-        raise ConfigError(f"model.weights '{location}' does not hold a state dict.")
-    return state
