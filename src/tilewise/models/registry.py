@@ -102,6 +102,7 @@ class ModelEntry:
     family: str
     paper: str
     summary: str
+    tiny: dict[str, Any]
 
     def arg_names(self) -> list[str]:
         """The architecture arguments the builder takes besides channels and classes."""
@@ -112,11 +113,15 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(*, family: str, paper: str) -> Callable[[Builder], Builder]:
+def register_model(
+    *, family: str, paper: str, tiny: dict[str, Any] | None = None
+) -> Callable[[Builder], Builder]:
     """Register a builder under its function name.
 
     The builder takes ``in_channels``, ``num_classes`` and keyword architecture arguments and
     returns a module with a ``tiling`` attribute. The first docstring line is the summary.
+    ``tiny`` holds architecture arguments that shrink the network (widths, never the layer
+    structure that sets stride and halo) for tests and quick trials on a CPU.
     """
 
     def decorate(builder: Builder) -> Builder:
@@ -124,7 +129,7 @@ def register_model(*, family: str, paper: str) -> Callable[[Builder], Builder]:
         if name in _REGISTRY:
             raise RuntimeError(f"architecture '{name}' is registered twice")
         summary = (builder.__doc__ or "").strip().splitlines()[0] if builder.__doc__ else ""
-        _REGISTRY[name] = ModelEntry(name, builder, family, paper, summary)
+        _REGISTRY[name] = ModelEntry(name, builder, family, paper, summary, dict(tiny or {}))
         return builder
 
     return decorate

@@ -152,7 +152,7 @@ class UNet(nn.Module):
         return out
 
 
-@register_model(family="unet", paper="Ronneberger et al., MICCAI 2015")
+@register_model(family="unet", paper="Ronneberger et al., MICCAI 2015", tiny={"base_width": 2})
 def unet(
     in_channels: int,
     num_classes: int,
@@ -172,7 +172,11 @@ def unet(
     )
 
 
-@register_model(family="unet", paper="Ronneberger et al., MICCAI 2015 (same-padded variant)")
+@register_model(
+    family="unet",
+    paper="Ronneberger et al., MICCAI 2015 (same-padded variant)",
+    tiny={"base_width": 2},
+)
 def unet_same(
     in_channels: int,
     num_classes: int,
