@@ -164,7 +164,7 @@ def test_missing_required_field(tmp_path: Path) -> None:
 def test_wrong_enum_value_lists_the_choices_and_the_given_value(tmp_path: Path) -> None:
     path = write(tmp_path, job(tiling={"stitch": "blur"}))
     assert job_errors(path) == [
-        f"{path}: tiling.stitch: must be one of 'crop', 'blend'; got 'blur'"
+        f"{path}: tiling.stitch: must be one of 'crop', 'blend', 'sliding'; got 'blur'"
     ]
 
 
@@ -186,7 +186,7 @@ def test_load_job_raises_config_error_listing_every_problem(tmp_path: Path) -> N
     with pytest.raises(ConfigError) as info:
         load_job(path)
     assert str(info.value).splitlines() == [
-        f"{path}: tiling.stitch: must be one of 'crop', 'blend'; got 'blur'",
+        f"{path}: tiling.stitch: must be one of 'crop', 'blend', 'sliding'; got 'blur'",
         f"{path}: tiling.batch_size: must be >= 1; got 0",
     ]
 
@@ -233,7 +233,7 @@ def test_job_kinds_table_maps_predict_to_predict_job() -> None:
 def test_unknown_arch_suggests_the_close_one(tmp_path: Path) -> None:
     (line,) = errors_of(tmp_path, job(model={"arch": "unet2"}))
     assert ": model.arch: unknown architecture 'unet2'. Did you mean 'unet'? " in line
-    assert "Known architectures: unet, unet_same" in line
+    assert "Known architectures: " in line and "unet, unet_same (list them with" in line
 
 
 def test_unknown_arch_argument_names_the_allowed_ones(tmp_path: Path) -> None:
@@ -388,3 +388,57 @@ def test_every_shipped_job_validates() -> None:
     files = sorted(JOBS_DIR.glob("*.yaml"))
     assert files, f"no job files in {JOBS_DIR}"
     assert validate_files(files) == {str(f): [] for f in files}
+
+
+# ---------------------------------------------------------------------------------------------
+# Sliding windows, flip averaging, ensembles
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sliding_job_for_pspnet_loads(tmp_path: Path) -> None:
+    data = job(
+        model={"arch": "pspnet50", "num_classes": 21, "args": {"width": 0.0625}},
+        tiling={"tile": 473, "stitch": "sliding", "flip": True},
+    )
+    loaded = load_job(write(tmp_path, data))
+    assert (loaded.tiling.stitch, loaded.tiling.step, loaded.tiling.flip) == ("sliding", None, True)
+
+
+@pytest.mark.parametrize(
+    ("tiling", "field", "text"),
+    [
+        ({"tile": 473, "stitch": "sliding", "halo": 32}, "halo", "halo has no meaning"),
+        ({"tile": 470, "stitch": "sliding"}, "tile", "Use tile: 465 or 473"),
+        ({"tile": 473, "stitch": "sliding", "step": 600}, "step", "Use step: 316"),
+        ({"tile": 472, "stitch": "crop", "flip": True}, "step", "belong to stitch: sliding"),
+        ({"tile": 472, "stitch": "crop"}, "stitch", "Use stitch: blend"),
+    ],
+    ids=["halo", "window-size", "step", "flip-without-sliding", "crop-global-pooling"],
+)
+def test_sliding_rules_are_reported_at_their_field(
+    tmp_path: Path, tiling: dict[str, Any], field: str, text: str
+) -> None:
+    data = job(model={"arch": "pspnet50", "num_classes": 21}, tiling=tiling)
+    (line,) = errors_of(tmp_path, data)
+    assert f": tiling.{field}: " in line and text in line
+
+
+def test_flip_tta_keeps_the_exact_halo(tmp_path: Path) -> None:
+    loaded = load_job(write(tmp_path, job(model={"tta": "flip"}, tiling={"tile": 384})))
+    assert loaded.model.tta == "flip"
+
+
+def test_ensemble_member_weights_resolve_against_the_job_file(tmp_path: Path) -> None:
+    members = [
+        {"arch": "unet", "weights": "a.safetensors"},
+        {"arch": "unet", "args": {"dropout": 0}},
+    ]
+    data = job(model={"arch": "ensemble", "args": {"members": members}})
+    path = write(tmp_path / "jobs", data)
+    (line,) = job_errors(path)  # checked before any work: the member's file is missing
+    assert "members[0].weights" in line and "does not exist" in line
+    (tmp_path / "jobs" / "a.safetensors").write_bytes(b"")
+    loaded = load_job(path)
+    first, second = loaded.model.args["members"]
+    assert first["weights"] == str(tmp_path / "jobs" / "a.safetensors")
+    assert "weights" not in second

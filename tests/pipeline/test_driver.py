@@ -176,3 +176,29 @@ def test_ome_zarr_level_is_read_with_its_axes_and_pixel_size(tmp_path: Path) -> 
     scale = labels.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"]
     assert scale == [{"type": "scale", "scale": [0.5, 0.5]}]
     assert labels["0"].shape == (200, 200)
+
+
+def test_sliding_pspnet_job_equals_the_papers_protocol_on_the_whole_image(tmp_path: Path) -> None:
+    # PSPNet is not translation-equivariant; its own evaluation is a sliding window with flip.
+    from tests.reference import sliding_window_reference
+
+    write_input(tmp_path / "in.zarr")
+    args = {"width": 0.0625}
+    job = _job(
+        tmp_path,
+        model__arch="pspnet50",
+        model__args=args,
+        tiling__tile=57,
+        tiling__stitch="sliding",
+        tiling__flip=True,
+        tiling__pad_mode="constant",
+        output__chunk=48,  # units cut across windows
+    )
+    run_job(job, progress=False)
+    image = zarr.open_array(tmp_path / "in.zarr", mode="r")[:].astype(np.float64) / 255
+    torch.manual_seed(3)
+    model = models.create("pspnet50", in_channels=3, num_classes=3, **args).double()
+    expected = sliding_window_reference(model, image, crop=57, stride=38, flip=True)
+    out = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    probs = out["probabilities/0"][:].astype(np.float64)
+    assert np.abs(probs - expected).max() < 2e-3  # float16 storage
