@@ -349,11 +349,10 @@ def test_run_unreadable_weights_is_a_clear_error_not_a_traceback(
 ) -> None:
     """A weights file that cannot be loaded is a user mistake like a missing one.
 
-    BUG (src/tilewise/pipeline/job.py, ``_load_state``): errors of ``torch.load`` on a file that
-    is not a torch file (UnpicklingError or IndexError, depending on the bytes), of
-    ``safetensors.torch.load`` (SafetensorError) and of reading a folder (IsADirectoryError) are
-    not turned into a ConfigError, so ``tilewise run`` dies with a traceback instead of printing
-    ``error: model.weights '...' cannot be read ...`` and exiting 2.
+    Errors of ``torch.load`` on a file that is not a torch file (UnpicklingError or IndexError,
+    depending on the bytes), of ``safetensors.torch.load`` (SafetensorError) and of reading a
+    folder (IsADirectoryError) must become one ``error: model.weights '...' cannot be read ...``
+    line and exit 2 (``tilewise.models.weights.load_state_file``).
     """
     write_input(tmp_path)
     make(tmp_path / name)
@@ -551,8 +550,31 @@ def test_models_one_name(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert code == 0
     rows = [line for line in out.splitlines()[1:] if line.strip()]
-    assert len(rows) == 1
     assert rows[0].split()[0] == "unet_same"
+    assert all(line.startswith("  ") for line in rows[1:])  # the details, indented
+    assert any("arguments   depth=4, base_width=64" in line for line in rows)
+
+
+def test_models_probe_reports_the_reach_and_the_declared_halo(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["--arg", "depth=2", "--arg", "base_width=2", "--probe", "--phases", "2"]
+    code, out, err = cli(["models", "unet_same", *args], capsys)
+
+    assert code == 0, err
+    reach = next(line for line in out.splitlines() if line.strip().startswith("reach"))
+    radius = int(reach.split()[1])
+    halo = next(line for line in out.splitlines() if line.strip().startswith("halo"))
+    # depth 2: the declared (analytic) halo is 7 * 4 - 5 = 23; the measured reach cannot exceed it.
+    assert 0 < radius <= 23
+    assert halo.rstrip().endswith("declared: 23")
+
+
+def test_models_arg_needs_key_value(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(["models", "unet", "--arg", "depth"], capsys)
+
+    assert code == 2
+    assert "--arg takes key=value" in one_error_line(err)
 
 
 def test_models_unknown_name(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""The ``tilewise`` command: run | validate | schema | models | demo.
+"""The ``tilewise`` command: run | validate | schema | models [--probe] | demo.
 
 User mistakes (:class:`~tilewise.errors.TilewiseError`) print as one clear line per problem and
 exit with status 2; they never show a traceback. Anything else is a bug and keeps its traceback.
@@ -56,27 +56,121 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _arch_args(pairs: Sequence[str]) -> dict[str, object]:
+    """``--arg key=value`` pairs; values are read as YAML (numbers, lists, true/false)."""
+    import yaml
+
+    from tilewise.errors import ConfigError
+
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--arg takes key=value (e.g. --arg width=0.25); got '{pair}'.")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
 def _cmd_models(args: argparse.Namespace) -> int:
+    import inspect
+
+    import torch
+
     from tilewise import models
+    from tilewise.models.layers import count_parameters
 
     names = [models.entry(args.name).name] if args.name else models.names()
-    header = f"{'name':<12} {'params':>12} {'stride':>6} {'size rule':>14} {'halo':>6}  exact"
-    print(header)
+    arch_args = _arch_args(args.arg)
+    if arch_args and not args.name:
+        from tilewise.errors import ConfigError
+
+        raise ConfigError(
+            "--arg applies to one architecture: give its name (tilewise models NAME)."
+        )
+    print(
+        f"{'name':<20} {'params':>12} {'stride':>6} {'size rule':>10} {'margin':>6} {'halo':>5}  "
+        f"{'exact':<5}  summary"
+    )
     for name in names:
         e = models.entry(name)
-        import torch
-
         with torch.device("meta"):
-            model = models.create(name, in_channels=3, num_classes=2)
+            model = models.create(
+                name, in_channels=args.in_channels, num_classes=args.classes, **arch_args
+            )
         f: models.TilingFacts = model.tiling  # type: ignore[assignment]
-        params = sum(p.numel() for p in model.parameters())
+        params = count_parameters(model)
         rule = f"{f.size_rule.minimum}+{f.size_rule.step}k"
         halo = "-" if f.halo is None else str(f.halo)
         print(
-            f"{name:<12} {params:>12,} {f.stride:>6} {rule:>14} {halo:>6}  "
-            f"{'yes' if f.exact else 'no'}   {e.summary}"
+            f"{name:<20} {params:>12,} {f.stride:>6} {rule:>10} {f.margin:>6} {halo:>5}  "
+            f"{'yes' if f.exact else 'no':<5}  {e.summary}"
         )
+    if not args.name:
+        print(
+            f"\nparameters for {args.in_channels} input bands and {args.classes} classes, "
+            "fixed bilinear up-sampling included; `tilewise models NAME` shows one in detail."
+        )
+        return 0
+    e = models.entry(names[0])
+    trainable = count_parameters(model, trainable_only=True)
+    print(f"  family      {e.family} ({e.paper})")
+    print(f"  parameters  {params:,} ({trainable:,} trained; {params - trainable:,} fixed)")
+    sig = inspect.signature(e.builder).parameters
+    shown = ", ".join(f"{a}={sig[a].default!r}" for a in e.arg_names())
+    print(f"  arguments   {shown or '(none)'}")
+    if f.note:
+        print(f"  not exact   {f.note}")
+    if args.probe:
+        _probe(model_name=names[0], args=args, arch_args=arch_args)
     return 0
+
+
+def _probe(*, model_name: str, args: argparse.Namespace, arch_args: dict[str, object]) -> None:
+    import torch
+
+    from tilewise import models
+    from tilewise.models.probe import probe_receptive_field
+    from tilewise.models.weights import load_state_file
+
+    torch.manual_seed(args.seed)
+    model = models.create(
+        model_name, in_channels=args.in_channels, num_classes=args.classes, **arch_args
+    )
+    if args.weights:
+        model.load_state_dict(load_state_file(args.weights, what="--weights"))
+    if not args.float32:
+        model = model.double()
+    f: models.TilingFacts = model.tiling  # type: ignore[assignment]
+    result = probe_receptive_field(
+        model,
+        in_channels=args.in_channels,
+        size=args.size,
+        tolerance=args.tolerance,
+        max_phases=args.phases,
+        seed=args.seed,
+    )
+    weights = args.weights or f"random weights (seed {args.seed})"
+    print(
+        f"  probe       impulse responses in a {result.window}x{result.window} window, "
+        f"{result.phases} phase(s) modulo the stride, {weights}"
+    )
+    if result.reaches_edge:
+        print(
+            f"  reach       the response reaches the window border: no finite halo within "
+            f"{result.window} px (declared halo: {'none' if f.halo is None else f.halo})"
+        )
+        return
+    s = f.stride
+    aligned = f.margin + -(-(max(result.radius, f.margin) - f.margin) // s) * s
+    print(
+        f"  reach       {result.radius} px per side above {result.tolerance:g} x the peak "
+        f"(per phase: {', '.join(map(str, result.per_phase))})"
+    )
+    print(
+        f"  halo        smallest exact to {result.tolerance:g}: {max(result.radius, f.margin)} px "
+        f"(windows then start {aligned} px before their tile); declared: "
+        f"{'none' if f.halo is None else f.halo}"
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -111,6 +205,24 @@ def _parser() -> argparse.ArgumentParser:
 
     mod = sub.add_parser("models", help="list the architectures and their tiling facts")
     mod.add_argument("name", nargs="?", help="one architecture")
+    mod.add_argument("--in-channels", type=int, default=3, help="input bands (default 3)")
+    mod.add_argument("--classes", type=int, default=2, help="output classes (default 2)")
+    mod.add_argument(
+        "--arg", action="append", default=[], help="architecture argument key=value (repeatable)"
+    )
+    mod.add_argument(
+        "--probe",
+        action="store_true",
+        help="measure the receptive field by impulse responses and the halo it needs",
+    )
+    mod.add_argument("--size", type=int, help="probe window side (default: from the halo)")
+    mod.add_argument(
+        "--tolerance", type=float, default=1e-4, help="relative response counted as zero"
+    )
+    mod.add_argument("--phases", type=int, default=8, help="impulse phases modulo the stride")
+    mod.add_argument("--weights", help="probe trained weights (.safetensors or .pt)")
+    mod.add_argument("--seed", type=int, default=0, help="seed of the random weights and image")
+    mod.add_argument("--float32", action="store_true", help="probe in float32 (default float64)")
     mod.set_defaults(func=_cmd_models)
 
     demo = sub.add_parser("demo", help="build a mosaic from a real IHC slide and segment it")

@@ -131,20 +131,17 @@ def _agreement(mosaic: Path, labels_path: Path, size: int) -> tuple[float, float
     """Pixel accuracy and mean IU of the output against the stain labels, block by block."""
     import zarr
 
+    from tilewise.metrics import ConfusionMatrix
+
     image = zarr.open_array(str(mosaic / "0"), mode="r")
     pred = zarr.open_array(str(labels_path), mode="r")
-    k = len(CLASS_NAMES)
-    confusion = np.zeros((k, k), np.int64)
+    confusion = ConfusionMatrix(len(CLASS_NAMES))
     for y0 in range(0, size, BLOCK):
         for x0 in range(0, size, BLOCK):
             sl = (slice(y0, y0 + BLOCK), slice(x0, x0 + BLOCK))
             truth = ihc_labels(np.asarray(image[(slice(None), *sl)]).transpose(1, 2, 0))
-            confusion += np.bincount(
-                (truth.astype(np.int64) * k + np.asarray(pred[sl])).ravel(), minlength=k * k
-            ).reshape(k, k)
-    tp = np.diag(confusion).astype(np.float64)
-    iu = tp / np.maximum(confusion.sum(0) + confusion.sum(1) - tp, 1)
-    return float(tp.sum() / confusion.sum()), float(iu.mean())
+            confusion.update(np.asarray(pred[sl]), truth)
+    return confusion.pixel_accuracy(), confusion.mean_iou()
 
 
 def write_preview(mosaic: Path, labels_path: Path, png: Path, *, width: int = 1024) -> None:
