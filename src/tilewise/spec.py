@@ -367,7 +367,13 @@ class ComputeSpec(BaseModel):
         description="Device the actors run the network on; 'auto' = CUDA when present.",
     )
     cpus_per_worker: float | None = Field(
-        default=None, gt=0, description="CPUs reserved per actor; null = Ray's default."
+        default=None,
+        gt=0,
+        description=(
+            "CPUs reserved per actor (its torch threads); null = the cluster's CPUs divided by "
+            "the workers. Outputs are bit-identical across worker counts and unit orders at a "
+            "fixed value: CPU kernels sum in a thread-dependent order."
+        ),
     )
     gpus_per_worker: float | None = Field(
         default=None,

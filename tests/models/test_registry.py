@@ -101,7 +101,10 @@ def test_inference_is_deterministic_in_eval_mode(name: str) -> None:
     with torch.inference_mode():
         a = model(x)
         b = model(x[:1])
-    assert torch.equal(a[:1], b) or torch.allclose(a[:1], b, rtol=1e-5, atol=1e-6)
+    # Batch statistics would change the scores by O(1); other batch sizes only change the
+    # summation order of the convolutions (float32).
+    scale = float(a.abs().max())
+    assert torch.allclose(a[:1], b, rtol=1e-4, atol=1e-5 * scale)
 
 
 @pytest.mark.parametrize("name", EQUIVARIANT)
@@ -115,6 +118,10 @@ def test_tiled_equals_whole_image_inference(name: str) -> None:
     tiled = tilewise.predict_array(model, image, tile=tile, batch_size=2, device="cpu")
     expected = whole_image(model, image, f)
     assert tiled.shape == expected.shape == (3, h, w)
+    # The comparison has teeth only if the scores vary across the image (a freshly initialised
+    # net can output nearly constant scores, which any tiling reproduces).
+    spread = float((expected - expected.mean(axis=(1, 2), keepdims=True)).std())
+    assert spread > 1e-3 * np.abs(expected).max(), f"{name}: scores nearly constant ({spread:.1e})"
     err = np.abs(tiled - expected).max() / np.abs(expected).max()
     assert err < TOLERANCE.get(name, DEFAULT_TOLERANCE), f"{name}: relative error {err:.2e}"
 

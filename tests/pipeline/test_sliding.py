@@ -77,3 +77,17 @@ def test_sliding_window_must_be_a_size_the_network_takes() -> None:
         check_sliding(facts, tile=473, halo=32, step=None, arch="pspnet101")
     with pytest.raises(PlanError, match="step must be between"):
         check_sliding(facts, tile=473, halo=None, step=500, arch="pspnet101")
+
+
+@pytest.mark.parametrize("size", [1, 44, 45, 46, 70, 150, 151, 199])
+def test_units_see_exactly_the_windows_that_touch_them(size: int) -> None:
+    # Brute force over every unit cut: the windows of a unit are those whose output overlaps it,
+    # including the last window, which is moved back to end at the border.
+    axis = SlidingAxis(size, 45, 30, 0)
+    for side in (1, 7, 16, 48):
+        for u0 in range(0, size, side):
+            u1 = min(size, u0 + side)
+            touching = [
+                k for k in range(axis.cores) if axis.support(k)[0] < u1 and axis.support(k)[1] > u0
+            ]
+            assert list(axis.windows_for(u0, u1)) == touching, (size, side, u0)

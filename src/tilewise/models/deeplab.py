@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tilewise.models.layers import VGG16_BLOCKS, scaled
+from tilewise.models.layers import VGG16_BLOCKS, he_init, scaled
 from tilewise.models.registry import SizeRule, TilingFacts, register_model
 from tilewise.models.resnet import RESNET101_BLOCKS, DilatedResNet, receptive_radius
 
@@ -177,6 +177,7 @@ class DeepLabVGG(nn.Module):
             receptive_radius(branch.modules(), radius=body, jump=jump)[0]
             for branch in self.branches
         )
+        he_init(self)
         self.tiling = _tiling(self.radius)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,6 +225,7 @@ class DeepLabResNet(nn.Module):
         self.radius = max(
             receptive_radius([conv], radius=body, jump=STRIDE)[0] for conv in self.fc1
         )
+        he_init(self)
         self.tiling = _tiling(self.radius)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tilewise.models.layers import VGG16_BLOCKS, BilinearUpsample, scaled
+from tilewise.models.layers import VGG16_BLOCKS, BilinearUpsample, he_init, scaled
 from tilewise.models.registry import SizeRule, TilingFacts, register_model
 
 __all__ = [
@@ -191,6 +191,7 @@ class DilationNet(nn.Module):
         if width <= 0:
             raise ValueError(f"width must be positive; got {width}")
         self.frontend = _frontend(in_channels, num_classes, width, dropout)
+        he_init(self.frontend)
         final = self.frontend.final
         assert isinstance(final, nn.Conv2d) and final.bias is not None
         if not final.weight.is_meta:

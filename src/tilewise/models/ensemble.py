@@ -226,9 +226,9 @@ def _member(spec: Mapping[str, Any], in_channels: int, num_classes: int, where: 
         try:
             model.load_state_dict(state)
         except RuntimeError as exc:
-            first = " ".join(str(exc).strip().splitlines()[0:2])
+            lines = " ".join(str(exc).strip().splitlines()[0:2])
             raise ConfigError(
-                f"{where}.weights '{location}' do not fit arch '{spec['arch']}': {first}"
+                f"{where}.weights '{location}' do not fit arch '{spec['arch']}': {lines}"
             ) from None
     return model
 

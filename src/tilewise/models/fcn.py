@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tilewise.models.layers import VGG16_BLOCKS, BilinearUpsample, scaled
+from tilewise.models.layers import VGG16_BLOCKS, BilinearUpsample, he_init, scaled
 from tilewise.models.registry import SizeRule, TilingFacts, register_model
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
     "fcn32s",
     "fcn_alexnet",
     "footprints",
-    "he_init",
     "input_span",
     "receptive_field",
     "span_halo",
@@ -166,29 +165,6 @@ def span_halo(paths: Iterable[Sequence[Footprint]], stride: int, margin: int = 0
         lo, hi = input_span(paths, j, j)
         reach = max(reach, j + margin - lo, hi - j - margin)
     return reach
-
-
-def he_init(module: nn.Module) -> None:
-    """He-normal weights and zero biases for the learned (transposed) convolutions in ``module``.
-
-    torch's default (uniform, a sixth of He's variance) shrinks the signal ~2.4× per ReLU layer,
-    so a freshly built 16-layer VGG net predicts nearly constant scores (its biases), which would
-    make every exactness check vacuous; He et al.'s initialisation keeps the variance through the
-    depth (torchvision's VGG uses it too). Frozen bilinear up-sampling keeps its weights; meta
-    tensors are skipped.
-    """
-    for m in module.modules():
-        if isinstance(m, BilinearUpsample) or not isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
-            continue
-        if m.weight.is_meta:
-            continue
-        # A transposed weight is (in, out, k, k): its "fan_out" is the in·k² inputs per output.
-        mode: Literal["fan_in", "fan_out"] = (
-            "fan_out" if isinstance(m, nn.ConvTranspose2d) else "fan_in"
-        )
-        nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 # ------------------------------------------------------------------------------------------------

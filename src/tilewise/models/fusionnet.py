@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from tilewise.models.densenet import Reach
+from tilewise.models.layers import he_init
 from tilewise.models.registry import SizeRule, TilingFacts, register_model
 
 __all__ = ["FusionNet", "fusionnet"]
@@ -134,6 +135,7 @@ class FusionNet(nn.Module):
         self.out = nn.Conv2d(widths[0], num_classes, 1)
 
         stride = 2**DEPTH
+        he_init(self)
         self.tiling = TilingFacts(
             stride=stride,
             margin=0,

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilewise.models.deeplab import interp
-from tilewise.models.layers import scaled
+from tilewise.models.layers import he_init, scaled
 from tilewise.models.registry import SizeRule, TilingFacts, register_model
 from tilewise.models.resnet import RESNET50_BLOCKS, RESNET101_BLOCKS, DilatedResNet
 
@@ -139,6 +139,7 @@ class PSPNet(nn.Module):
         self.aux_weight = AUX_WEIGHT if aux else 0.0
         # 8k+1 input pixels give k+1 feature pixels; at least one per bin of the finest level.
         minimum = STRIDE * (max(bins) - 1) + 1
+        he_init(self)
         self.tiling = TilingFacts(
             stride=STRIDE,
             margin=0,

@@ -30,8 +30,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tilewise.models.fcn import Footprint, footprints, he_init, span_halo
-from tilewise.models.layers import VGG16_BLOCKS, scaled
+from tilewise.models.fcn import Footprint, footprints, span_halo
+from tilewise.models.layers import VGG16_BLOCKS, he_init, scaled
 from tilewise.models.registry import SizeRule, TilingFacts, register_model
 
 __all__ = ["SegNet", "segnet"]

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from tilewise.models.layers import he_init
 from tilewise.models.registry import SizeRule, TilingFacts, register_model
 
 __all__ = ["UNet", "unet", "unet_same"]
@@ -122,6 +123,7 @@ class UNet(nn.Module):
             self.up.append(nn.ConvTranspose2d(w_low, w, 2, stride=2))
             self.up_conv.append(_double_conv(2 * w, w, pad))
         self.classifier = nn.Conv2d(widths[0], num_classes, 1)
+        he_init(self)
 
         stride = 2**depth
         if padding == "valid":

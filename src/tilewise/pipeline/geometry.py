@@ -328,8 +328,10 @@ class SlidingAxis:
         return range(ks[0], ks[-1] + 1)
 
     def _candidates(self, u0: int, u1: int) -> range:
+        # Up to the last window: it is moved back to end at the border, so it may start before
+        # k * step and reach into units that windows k * step would not.
         first = max(0, (u0 - self.tile) // self.step)
-        return range(first, min(self.cores, u1 // self.step + 1))
+        return range(first, self.cores)
 
     def _hits(self, k: int, u0: int, u1: int) -> bool:
         s0, s1 = self.support(k)
