@@ -172,7 +172,7 @@ def pspnet101(
     dropout: float = 0.1,
     aux: bool = True,
 ) -> PSPNet:
-    """PSPNet on dilated ResNet-101 (65.7M deployed), stride 8, global bins: blend only."""
+    """PSPNet on dilated ResNet-101 (65.7M deployed), stride 8; global bins: stitch sliding."""
     return PSPNet(
         in_channels,
         num_classes,
@@ -194,7 +194,7 @@ def pspnet50(
     dropout: float = 0.1,
     aux: bool = True,
 ) -> PSPNet:
-    """PSPNet on dilated ResNet-50 (46.8M deployed, ADE20K), stride 8, global bins: blend only."""
+    """PSPNet on dilated ResNet-50 (46.8M deployed, ADE20K), stride 8; global bins: sliding."""
     return PSPNet(
         in_channels,
         num_classes,
