@@ -43,7 +43,8 @@ from pydantic import (
 from pydantic.json_schema import models_json_schema
 
 from tilewise.errors import ConfigError, PlanError, UnknownArchitectureError, did_you_mean
-from tilewise.models import entry, facts
+from tilewise.models import TilingFacts, entry, facts
+from tilewise.models.ensemble import flip_facts
 
 __all__ = [
     "JOB_KINDS",
@@ -228,6 +229,15 @@ class ModelSpec(BaseModel):
     @classmethod
     def _resolve_weights(cls, value: str | None, info: ValidationInfo) -> str | None:
         return None if value is None else resolve_location(value, _base_dir(info))
+
+    def tiling_facts(self, in_channels: int) -> TilingFacts:
+        """The tiling facts of this network as the job runs it (with its test-time flips)."""
+        arch_facts = facts(
+            self.arch, in_channels=in_channels, num_classes=self.num_classes, **self.args
+        )
+        if self.tta == "flip":
+            arch_facts = flip_facts(arch_facts)
+        return arch_facts
 
     @field_validator("args")
     @classmethod
@@ -469,44 +479,23 @@ class PredictJob(BaseModel):
         return self
 
     def _tiling_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
-        from tilewise.pipeline.geometry import check_sliding, check_tiling
+        from tilewise.pipeline.geometry import check_tiling
 
         model, tiling = self.model, self.tiling
         try:
-            arch_facts = facts(
-                model.arch,
-                in_channels=model.in_channels or 3,
-                num_classes=model.num_classes,
-                **model.args,
-            )
+            arch_facts = model.tiling_facts(model.in_channels or 3)
         except ConfigError as exc:
             return [(("model", "args"), str(exc))]
-        if model.tta == "flip":
-            from tilewise.models.ensemble import flip_facts
-
-            arch_facts = flip_facts(arch_facts)
         try:
-            if tiling.stitch == "sliding":
-                check_sliding(
-                    arch_facts,
-                    tile=tiling.tile,
-                    halo=tiling.halo,
-                    step=tiling.step,
-                    arch=model.arch,
-                )
-            else:
-                if tiling.step is not None or tiling.flip:
-                    raise PlanError(
-                        f"tiling.step and tiling.flip belong to stitch: sliding; got stitch: "
-                        f"{tiling.stitch}. Use stitch: sliding, or remove them."
-                    )
-                check_tiling(
-                    arch_facts,
-                    tile=tiling.tile,
-                    halo=tiling.halo,
-                    stitch=tiling.stitch,
-                    arch=model.arch,
-                )
+            check_tiling(
+                arch_facts,
+                tile=tiling.tile,
+                halo=tiling.halo,
+                stitch=tiling.stitch,
+                arch=model.arch,
+                step=tiling.step,
+                flip=tiling.flip,
+            )
         except PlanError as exc:
             message = str(exc)
             if message.startswith("halo") or "tiling.halo" in message:

@@ -15,7 +15,7 @@ from torch import nn
 from tilewise.errors import InputError, PlanError
 from tilewise.models.registry import SizeRule, TilingFacts
 from tilewise.pipeline.engine import TileEngine, TilePlan
-from tilewise.pipeline.geometry import PadMode, Stitch, check_tiling
+from tilewise.pipeline.geometry import PadMode, Stitch
 from tilewise.pipeline.units import UnitGrid
 
 __all__ = ["ArraySource", "default_device", "predict_array", "probe_size_rule"]
@@ -147,15 +147,13 @@ def predict_array(
     try:
         facts = _module_facts(model, stride, margin, halo)
         if facts is None:
-            if halo is None and stitch == "sliding":
-                halo = margin or 0
-            if halo is None:
+            if halo is None and stitch != "sliding":  # a sliding window is its own context
                 raise PlanError(
                     "halo is required for a module without tiling facts: give the context per "
                     "side that the network's receptive field needs (e.g. halo=64)."
                 )
             s, m = stride or 1, margin or 0
-            h = max(halo, m)
+            h = max(halo or 0, m)
             lead = m + -(-(h - m) // s) * s
             rule = probe_size_rule(
                 model,
@@ -166,10 +164,6 @@ def predict_array(
                 device=dev,
             )
             facts = TilingFacts(stride=s, margin=m, halo=h, size_rule=rule)
-            if stitch != "sliding":
-                check_tiling(facts, tile=tile, halo=halo, stitch=stitch, arch=type(model).__name__)
-            else:
-                halo = None
         plan = TilePlan.build(
             facts,
             height=height,

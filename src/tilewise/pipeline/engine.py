@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tilewise.errors import PlanError
+from tilewise.models.ensemble import log_probabilities, probabilities
 from tilewise.models.registry import TilingFacts
 from tilewise.pipeline.geometry import (
     AxisGeometry,
@@ -25,8 +26,8 @@ from tilewise.pipeline.geometry import (
     Stitch,
     axis_geometry,
     blend_weights,
-    check_sliding,
     check_tiling,
+    default_step,
     sliding_axis,
     source_indices,
 )
@@ -97,20 +98,14 @@ class TilePlan:
         step (default 2/3 of the tile) and the horizontal-flip averaging of each window's scores.
         """
         source_indices(0, 1, 1, pad_mode)  # rejects an unknown pad mode before any work
+        h = check_tiling(
+            facts, tile=tile, halo=halo, stitch=stitch, arch=arch, step=step, flip=flip
+        )
         if stitch == "sliding":
-            if tile < 1:
-                raise PlanError(f"tile must be at least 1 pixel; got {tile}.")
-            st = check_sliding(facts, tile=tile, halo=halo, step=step, arch=arch)
+            st = step or default_step(tile)
             sy = sliding_axis(facts, size=height, tile=tile, step=st)
             sx = sliding_axis(facts, size=width, tile=tile, step=st)
             return cls(facts, sy, sx, stitch, pad_mode, pad_value, flip)
-        if step is not None or flip:
-            raise PlanError(
-                f"tiling.step and tiling.flip belong to stitch: sliding; got stitch: {stitch}. "
-                f"Use stitch: sliding, or remove them (flip-averaged exact tiling is the "
-                f"model.tta: flip option)."
-            )
-        h = check_tiling(facts, tile=tile, halo=halo, stitch=stitch, arch=arch)
         y = axis_geometry(facts, size=height, tile=tile, halo=h, stitch=stitch)
         x = axis_geometry(facts, size=width, tile=tile, halo=h, stitch=stitch)
         return cls(facts, y, x, stitch, pad_mode, pad_value)
@@ -215,13 +210,16 @@ class TileEngine:
         """Scores of a (B, C, n, n) float32 batch as (B, K, n - 2m, n - 2m) float32.
 
         With ``plan.flip`` the scores are PSPNet's ``score(x) + flip(score(flip(x)))``
-        (horizontal flip), summed before the softmax as in ``scale_process.m``.
+        (horizontal flip), summed before the softmax as in ``scale_process.m``. With
+        ``stitch: sliding`` the windows' probabilities are returned, since those are averaged.
         """
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(windows)).to(self.device, self.dtype)
             scores = self.model(x)
             if self.plan.flip:
                 scores = scores + self.model(x.flip(-1)).flip(-1)
+            if self.plan.stitch == "sliding":
+                scores = probabilities(scores)
             return scores.float().cpu().numpy()
 
     def predict_unit(self, source: ImageSource, unit: Unit) -> np.ndarray:
@@ -258,8 +256,6 @@ class TileEngine:
                 )
             if acc is None:
                 acc = np.zeros((scores.shape[1], uh, uw), np.float32)
-            if sliding:
-                scores = _probabilities(scores)
             for (ky, kx), s in zip(batch, scores, strict=True):
                 if wsum is None:
                     self._place_core(acc, s, unit, ky, kx)
@@ -271,7 +267,7 @@ class TileEngine:
         if sliding:
             # Averaged probabilities go back to scores whose softmax (sigmoid) is exactly them,
             # so labels and stored probabilities follow from one representation.
-            return _scores_of(acc)
+            return log_probabilities(torch.from_numpy(acc)[None])[0].numpy()
         return acc
 
     def _place_core(self, acc: np.ndarray, s: np.ndarray, unit: Unit, ky: int, kx: int) -> None:
@@ -312,20 +308,3 @@ def _weights(axis: AxisGeometry | SlidingAxis, k: int) -> np.ndarray:
         s0, s1 = axis.support(k)
         return np.ones(s1 - s0, np.float32)
     return blend_weights(axis, k)
-
-
-def _probabilities(scores: np.ndarray) -> np.ndarray:
-    """Softmax over the class axis of (B, K, h, w) scores (sigmoid for one score map)."""
-    if scores.shape[1] == 1:
-        return (1.0 / (1.0 + np.exp(-scores))).astype(np.float32)
-    e = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def _scores_of(p: np.ndarray) -> np.ndarray:
-    """Scores whose softmax (sigmoid for one map) is the (K, h, w) probabilities ``p``."""
-    tiny = np.float32(1e-30)
-    if p.shape[0] == 1:
-        q = np.clip(p, tiny, 1 - 1e-7)
-        return np.log(q / (1 - q)).astype(np.float32)
-    return np.log(np.maximum(p, tiny)).astype(np.float32)

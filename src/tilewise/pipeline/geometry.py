@@ -34,6 +34,7 @@ __all__ = [
     "blend_weights",
     "check_sliding",
     "check_tiling",
+    "default_step",
     "sliding_axis",
     "source_indices",
 ]
@@ -51,10 +52,20 @@ def _multiples_around(value: int, step: int) -> tuple[int, int]:
     return lower, lower + step
 
 
-def check_tiling(facts: TilingFacts, *, tile: int, halo: int | None, stitch: str, arch: str) -> int:
+def check_tiling(
+    facts: TilingFacts,
+    *,
+    tile: int,
+    halo: int | None,
+    stitch: str,
+    arch: str,
+    step: int | None = None,
+    flip: bool = False,
+) -> int:
     """Check a tile/halo/stitch choice against a network's facts; return the halo to use.
 
-    ``stitch: sliding`` has rules of its own (:func:`check_sliding`) and is sent there.
+    ``stitch: sliding`` has rules of its own (:func:`check_sliding`) and is sent there (its halo
+    is 0: the window is the crop); ``step`` and ``flip`` belong to it alone.
 
     Raises:
         PlanError: a tile off the stride, a halo below the margin or (for ``crop``) below the
@@ -64,8 +75,14 @@ def check_tiling(facts: TilingFacts, *, tile: int, halo: int | None, stitch: str
     if tile < 1:
         raise PlanError(f"tile must be at least 1 pixel; got {tile}.")
     if stitch == "sliding":
-        check_sliding(facts, tile=tile, halo=halo, step=None, arch=arch)
+        check_sliding(facts, tile=tile, halo=halo, step=step, arch=arch)
         return 0
+    if step is not None or flip:
+        raise PlanError(
+            f"tiling.step and tiling.flip belong to stitch: sliding; got stitch: {stitch}. "
+            f"Use stitch: sliding, or remove them (flip-averaged exact tiling is the "
+            f"model.tta: flip option)."
+        )
     if tile % s:
         lo, hi = _multiples_around(tile, s)
         raise PlanError(
@@ -240,10 +257,15 @@ def source_indices(start: int, stop: int, size: int, mode: PadMode) -> np.ndarra
     raise PlanError(f"pad_mode must be 'reflect', 'symmetric' or 'constant'; got {mode!r}.")
 
 
+def default_step(tile: int) -> int:
+    """PSPNet's sliding-window step: ⌈2/3 · crop⌉."""
+    return -(-2 * tile // 3)
+
+
 def check_sliding(
     facts: TilingFacts, *, tile: int, halo: int | None, step: int | None, arch: str
 ) -> int:
-    """Check a ``stitch: sliding`` choice; return the window step.
+    """Check a ``stitch: sliding`` choice; return the window step to use.
 
     The sliding window is PSPNet's own evaluation (``scale_process.m``): fixed windows (the crop,
     ``tile`` output pixels) every ``step`` pixels (default ⌈2/3 · tile⌉), the last one moved back
@@ -258,23 +280,19 @@ def check_sliding(
     window = tile + 2 * facts.margin
     if not facts.size_rule.is_valid(window):
         rule = facts.size_rule
-        lo = rule.ceil(window) - rule.step if window > rule.minimum else rule.minimum
-        hi = rule.ceil(window + 1) if rule.ceil(window) == window else rule.ceil(window)
-        lo, hi = max(rule.minimum, lo), max(hi, rule.minimum)
+        hi = rule.ceil(window)  # the valid sizes either side of an invalid one
+        lo = max(rule.minimum, hi - rule.step)
         raise PlanError(
             f"with stitch: sliding the window (tile + 2 x margin = {window}) must be an input "
             f"size that arch '{arch}' takes ({rule.minimum} + k x {rule.step}); got tile {tile}. "
             f"Use tile: {lo - 2 * facts.margin} or {hi - 2 * facts.margin}."
         )
-    default = -(-2 * tile // 3)
-    if step is None:
-        return default
-    if not 1 <= step <= tile:
+    if step is not None and not 1 <= step <= tile:
         raise PlanError(
             f"tiling.step must be between 1 and the tile ({tile}) so that windows overlap or "
-            f"touch; got {step}. Use step: {default} (2/3 of the tile, as in PSPNet)."
+            f"touch; got {step}. Use step: {default_step(tile)} (2/3 of the tile, as in PSPNet)."
         )
-    return step
+    return default_step(tile) if step is None else step
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from torch import nn
 
 from tilewise import models
 from tilewise.errors import ConfigError, InputError, PlanError
-from tilewise.models.ensemble import FlipAverage, flip_facts
+from tilewise.models.ensemble import FlipAverage
 from tilewise.models.registry import TilingFacts
 from tilewise.models.weights import load_state_file
 from tilewise.pipeline.engine import TilePlan
@@ -116,9 +116,7 @@ def prepare(job: PredictJob) -> PreparedJob:
             f"output.labels uint8 holds at most 256 classes; got num_classes {m.num_classes}. "
             f"Use labels: uint16."
         )
-    facts = models.facts(m.arch, in_channels=channels, num_classes=m.num_classes, **m.args)
-    if m.tta == "flip":
-        facts = flip_facts(facts)
+    facts = m.tiling_facts(channels)
     plan = TilePlan.build(
         facts,
         height=height,
@@ -137,10 +135,10 @@ def prepare(job: PredictJob) -> PreparedJob:
         chunk = o.chunk or 1024
     else:
         chunk = o.chunk or default_chunk(plan.y.tile if max(height, width) < t.tile else t.tile)
-    if chunk >= t.tile and t.stitch != "sliding":
-        _require_multiple(
-            "output.chunk", chunk, "the tile", t.tile, " so that no window is computed twice"
-        )
+        if chunk >= t.tile:
+            _require_multiple(
+                "output.chunk", chunk, "the tile", t.tile, " so that no window is computed twice"
+            )
     if o.shard is not None:
         _require_multiple("output.shard", o.shard, "the chunk", chunk, "")
     layout = OutputLayout(
