@@ -150,7 +150,7 @@ def test_unknown_key_without_close_match_lists_allowed_keys(tmp_path: Path) -> N
     (line,) = errors_of(tmp_path, job(compute={"banana": 1}))
     assert line.endswith(
         "compute.banana: unknown key 'banana'. Allowed keys: address, workers, device, "
-        "cpus_per_worker, gpus_per_worker."
+        "cpus_per_worker, gpus_per_worker, actors_per_gpu, precision, prefetch."
     )
 
 

@@ -1,4 +1,4 @@
-"""The ``tilewise`` command: run | validate | schema | models [--probe] | demo.
+"""The ``tilewise`` command: run [--plan] | submit | validate | schema | models [--probe] | demo.
 
 User mistakes (:class:`~tilewise.errors.TilewiseError`) print as one clear line per problem and
 exit with status 2; they never show a traceback. Anything else is a bug and keeps its traceback.
@@ -21,6 +21,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from tilewise.spec import load_job
 
     job = load_job(args.job)
+    if args.plan:
+        from tilewise.pipeline.plan import plan_job
+
+        plan = plan_job(job, address=args.address, workers=args.workers)
+        print(json.dumps(plan.to_dict()) if args.json else "\n".join(plan.lines()))
+        return 0
     report = run_job(
         job,
         address=args.address,
@@ -194,7 +200,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
+    run.add_argument(
+        "--plan",
+        action="store_true",
+        help="print units, windows, overlap overhead and memory per actor; compute nothing",
+    )
     run.set_defaults(func=_cmd_run)
+
+    from tilewise.submit import add_arguments, cmd_submit
+
+    sbm = sub.add_parser("submit", help="submit a job spec to a Ray cluster as a Ray job")
+    add_arguments(sbm)
+    sbm.set_defaults(func=cmd_submit)
 
     val = sub.add_parser("validate", help="check job specs; report every problem of every file")
     val.add_argument("jobs", nargs="+", help="YAML job specs")

@@ -50,6 +50,7 @@ __all__ = [
     "JOB_KINDS",
     "ComputeSpec",
     "InputSpec",
+    "MaskSpec",
     "Job",
     "ModelSpec",
     "NormalizeSpec",
@@ -61,6 +62,7 @@ __all__ = [
     "load_job",
     "parse_job",
     "resolve_location",
+    "is_pattern",
     "validate_files",
 ]
 
@@ -143,16 +145,79 @@ class NormalizeSpec(BaseModel):
         raise ValueError(f"must be a number > 0 or 'auto'; got {_show(value)}")
 
 
-class InputSpec(BaseModel):
-    """The image to segment."""
+class MaskSpec(BaseModel):
+    """Which parts of the image hold anything worth segmenting (foreground).
+
+    Write units without foreground are not computed: they are written as ``background_class``
+    (probability 1 for it) without running the network.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(
+    method: Literal["tissue", "nodata", "array"] = Field(
+        description=(
+            "'tissue': detect tissue on a low-resolution level of a slide (Otsu threshold of the "
+            "darkness); 'nodata': pixels whose bands all equal `nodata` are background (scenes); "
+            "'array': a mask image given by `path` (non-zero = foreground, any resolution)."
+        )
+    )
+    level: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "tissue: the OME-Zarr level to detect on; null = the coarsest level at least 512 px "
+            "on its short side (or a block-averaged read of level 0 when there is no pyramid)."
+        ),
+    )
+    threshold: Annotated[float, Field(ge=0)] | Literal["otsu"] = Field(
+        default="otsu",
+        description="tissue: darkness (0..1) above which a pixel is tissue; 'otsu' = automatic.",
+    )
+    nodata: float | None = Field(
+        default=None,
+        description="nodata: the no-data value; null = the input's `nodata` attribute.",
+    )
+    path: str | None = Field(
+        default=None,
+        description=(
+            "array: path or URI of the mask (Zarr array, group or OME-Zarr image); may contain "
+            "{stem} for jobs over several images."
+        ),
+    )
+    array: str | None = Field(default=None, description="array: the array inside a mask group.")
+    min_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="Units whose foreground fraction is at most this are skipped (0 = any pixel).",
+    )
+    background_class: int = Field(
+        default=0, ge=0, description="The class written where nothing is computed."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_location(value, _base_dir(info))
+
+
+def is_pattern(location: str) -> bool:
+    """Whether an input location is a glob pattern (``*``, ``?`` or ``[``) naming many images."""
+    return any(c in location for c in "*?[")
+
+
+class InputSpec(BaseModel):
+    """The image (or images) to segment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | list[str] = Field(
         min_length=1,
         description=(
             "Local path or fsspec URI (memory://, s3://, file://, ...) of a Zarr array, Zarr "
-            "group or OME-Zarr image. Relative paths are relative to the job file's folder."
+            "group or OME-Zarr image; or a glob pattern (slides/*.ome.zarr) or a list of them "
+            "for a job over many images (then output.path must contain {stem}). Relative paths "
+            "are relative to the job file's folder."
         ),
     )
     array: str | None = Field(
@@ -173,11 +238,26 @@ class InputSpec(BaseModel):
         default_factory=dict,
         description="Options passed to fsspec when opening the input (credentials, endpoint).",
     )
+    mask: MaskSpec | None = Field(
+        default=None,
+        description="Foreground mask: units without foreground are not computed; null = none.",
+    )
 
     @field_validator("path")
     @classmethod
-    def _resolve_path(cls, value: str, info: ValidationInfo) -> str:
+    def _resolve_path(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        if isinstance(value, list):
+            if any(not v for v in value):
+                raise ValueError("every entry must be a non-empty path or URI")
+            return [resolve_location(v, _base_dir(info)) for v in value]
         return resolve_location(value, _base_dir(info))
+
+    @property
+    def many(self) -> bool:
+        """Whether the job names several images (a list or a glob pattern)."""
+        if isinstance(self.path, list):
+            return len(self.path) > 1 or any(is_pattern(p) for p in self.path)
+        return is_pattern(self.path)
 
 
 class ModelSpec(BaseModel):
@@ -388,7 +468,35 @@ class ComputeSpec(BaseModel):
     gpus_per_worker: float | None = Field(
         default=None,
         ge=0,
-        description="GPUs reserved per actor (fractions share a GPU); null = 1 when using CUDA.",
+        description=(
+            "GPUs reserved per actor (fractions share a GPU; 2 or more split each batch over "
+            "the actor's GPUs); null = 1 when using CUDA (see actors_per_gpu)."
+        ),
+    )
+    actors_per_gpu: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Predictor actors sharing each GPU (gpus_per_worker = 1 / actors_per_gpu); several "
+            "actors keep a GPU busy while one of them reads or writes. null = 1."
+        ),
+    )
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description=(
+            "Forward-pass precision: 'bfloat16'/'float16' run the network under autocast (AMP) "
+            "with stitching in float32; 'float32' is exact to float rounding; 'auto' = bfloat16 "
+            "on CUDA (float16 where bfloat16 is unsupported), float32 on CPU."
+        ),
+    )
+    prefetch: int = Field(
+        default=2,
+        ge=0,
+        le=16,
+        description=(
+            "Write units each actor reads ahead while it computes (read threads); 0 = read "
+            "each unit when its turn comes."
+        ),
     )
 
 
@@ -440,6 +548,42 @@ class PredictJob(BaseModel):
                 (
                     ("input", "normalize", "std"),
                     f"must have one value per mean value ({len(norm.mean)}); got {len(norm.std)}.",
+                )
+            )
+        if self.input.many and "{stem}" not in output.path:
+            problems.append(
+                (
+                    ("output", "path"),
+                    "a job over several images (input.path is a list or a glob pattern) needs "
+                    "one output per image: put {stem} (the image's file name without .zarr) in "
+                    f"output.path, e.g. out/{{stem}}.seg.zarr; got {output.path!r}.",
+                )
+            )
+        mask = self.input.mask
+        if mask is not None:
+            if mask.method == "array" and mask.path is None:
+                problems.append(
+                    (
+                        ("input", "mask", "path"),
+                        "method 'array' needs the mask image: set path to a Zarr array or "
+                        "OME-Zarr image (non-zero = foreground).",
+                    )
+                )
+            if mask.background_class >= model.num_classes:
+                problems.append(
+                    (
+                        ("input", "mask", "background_class"),
+                        f"must be a class of the model (0..{model.num_classes - 1}); got "
+                        f"{mask.background_class}.",
+                    )
+                )
+        compute = self.compute
+        if compute.actors_per_gpu is not None and compute.gpus_per_worker is not None:
+            problems.append(
+                (
+                    ("compute", "actors_per_gpu"),
+                    "give either actors_per_gpu or gpus_per_worker, not both (actors_per_gpu n "
+                    "means gpus_per_worker 1/n).",
                 )
             )
         if output.labels is None and output.probabilities is None:

@@ -19,9 +19,9 @@ from typing import Any
 from tilewise.errors import TilewiseError
 from tilewise.pipeline.job import PreparedJob, build_model, prepare
 from tilewise.pipeline.output import OutputStore
-from tilewise.spec import PredictJob
+from tilewise.spec import ComputeSpec, PredictJob
 
-__all__ = ["RunReport", "run_job"]
+__all__ = ["ActorLayout", "RunReport", "actor_layout", "run_job"]
 
 # glibc returns large freed blocks to the OS on every free; with activations of tens of MB a
 # forward pass then spends more time page-faulting than convolving (reference/performance.md).
@@ -112,26 +112,61 @@ def _connect(address: str | None) -> bool:
     return True
 
 
-def _actor_resources(job: PredictJob, workers: int | None) -> tuple[int, float, float, str]:
-    import ray
+@dataclass(frozen=True)
+class ActorLayout:
+    """How many predictor actors a job gets and what each reserves."""
 
-    resources = ray.cluster_resources()
-    gpus = float(resources.get("GPU", 0))
-    cpus = float(resources.get("CPU", 1))
-    c = job.compute
+    actors: int
+    cpus_each: float
+    gpus_each: float
+    device: str
+
+
+def actor_layout(
+    compute: ComputeSpec, *, cpus: float, gpus: float, workers: int | None = None
+) -> ActorLayout:
+    """Predictor actors for a cluster with ``cpus`` CPUs and ``gpus`` GPUs.
+
+    ``workers`` overrides ``compute.workers``. With CUDA the default is one actor per GPU
+    (``actors_per_gpu`` per GPU when set); on a CPU-only cluster one actor with every CPU,
+    since torch already spreads one forward pass over all the threads it is given.
+    """
+    c = compute
     device = c.device
     if device == "auto":
         device = "cuda" if gpus > 0 else "cpu"
     if device == "cuda" and gpus == 0:
-        raise TilewiseError("compute.device is 'cuda' but the Ray cluster has no GPU.")
-    n = workers or c.workers or (max(1, int(gpus)) if device == "cuda" else 1)
-    gpus_each = (
-        c.gpus_per_worker
-        if c.gpus_per_worker is not None
-        else (min(1.0, gpus / n) if device == "cuda" else 0.0)
-    )
+        raise TilewiseError(
+            "compute.device is 'cuda' but the Ray cluster has no GPU. Use device: auto (CPU "
+            "when there is no GPU) or start the cluster on GPU nodes."
+        )
+    per_gpu = c.actors_per_gpu or 1
+    if device == "cuda":
+        n = workers or c.workers or max(1, int(gpus) * per_gpu)
+        if c.gpus_per_worker is not None:
+            gpus_each = c.gpus_per_worker
+        elif c.actors_per_gpu is not None:
+            gpus_each = 1.0 / per_gpu
+        else:
+            gpus_each = min(1.0, gpus / n)
+    else:
+        n = workers or c.workers or 1
+        gpus_each = 0.0
     cpus_each = c.cpus_per_worker or max(1.0, float(int(cpus // n)))
-    return n, cpus_each, gpus_each, device
+    return ActorLayout(n, cpus_each, gpus_each, device)
+
+
+def _actor_resources(job: PredictJob, workers: int | None) -> tuple[int, float, float, str]:
+    import ray
+
+    resources = ray.cluster_resources()
+    layout = actor_layout(
+        job.compute,
+        cpus=float(resources.get("CPU", 1)),
+        gpus=float(resources.get("GPU", 0)),
+        workers=workers,
+    )
+    return layout.actors, layout.cpus_each, layout.gpus_each, layout.device
 
 
 def _run_units(

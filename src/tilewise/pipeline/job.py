@@ -21,11 +21,19 @@ from tilewise.models.registry import TilingFacts
 from tilewise.models.weights import load_state_file
 from tilewise.pipeline.engine import TilePlan
 from tilewise.pipeline.output import OutputLayout, fingerprint_of
-from tilewise.pipeline.stores import InputImage
+from tilewise.pipeline.stores import InputImage, is_url
 from tilewise.pipeline.units import UnitGrid
-from tilewise.spec import PredictJob
+from tilewise.spec import PredictJob, is_pattern
 
-__all__ = ["Normalizer", "PreparedJob", "build_model", "default_chunk", "prepare"]
+__all__ = [
+    "Normalizer",
+    "PreparedJob",
+    "build_model",
+    "default_chunk",
+    "expand_images",
+    "image_stem",
+    "prepare",
+]
 
 _AUTO_SCALE = {np.dtype("uint8"): 1 / 255, np.dtype("uint16"): 1 / 65535}
 
@@ -55,6 +63,75 @@ class Normalizer:
     def __call__(self, block: np.ndarray) -> np.ndarray:
         x = block.astype(np.float32) * np.float32(self.scale)
         return (x - self.mean) / self.std
+
+
+def image_stem(location: str) -> str:
+    """The name an image's outputs are called by: its last path part without .zarr/.ome.zarr."""
+    name = location.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in (".ome.zarr", ".zarr", ".ome.zarr.zip", ".zip"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _glob(pattern: str, options: dict[str, Any]) -> list[str]:
+    if not is_pattern(pattern):
+        return [pattern]
+    if is_url(pattern):
+        import fsspec
+
+        fs, _ = fsspec.core.url_to_fs(pattern, **options)
+        protocol = pattern.split("://", 1)[0]
+        return sorted(f"{protocol}://{p}" for p in fs.glob(pattern))
+    import glob
+
+    return sorted(glob.glob(pattern))
+
+
+def expand_images(job: PredictJob) -> list[PredictJob]:
+    """One single-image job per image of ``job`` (a list or glob of images), in a fixed order.
+
+    Each gets its own ``output.path`` (``{stem}`` filled in), mask path and run name; a job over
+    one image comes back as it is.
+    """
+    if not job.input.many:
+        return [job]
+    patterns = job.input.path if isinstance(job.input.path, list) else [job.input.path]
+    locations: list[str] = []
+    for pattern in patterns:
+        found = _glob(pattern, job.input.storage_options)
+        if not found:
+            raise InputError(
+                f"input.path pattern '{pattern}' matches no image. Check the folder and the "
+                f"pattern (e.g. slides/*.ome.zarr)."
+            )
+        locations.extend(f for f in found if f not in locations)
+    stems: dict[str, str] = {}
+    jobs = []
+    for location in locations:
+        stem = image_stem(location)
+        if stem in stems:
+            raise InputError(
+                f"two images have the same name '{stem}' ({stems[stem]} and {location}), so their "
+                f"outputs would collide at output.path {job.output.path!r}. Rename one, or list "
+                f"images with distinct names."
+            )
+        stems[stem] = location
+        mask = job.input.mask
+        if mask is not None and mask.path is not None:
+            mask = mask.model_copy(update={"path": mask.path.replace("{stem}", stem)})
+        jobs.append(
+            job.model_copy(
+                update={
+                    "name": f"{job.name or 'job'}/{stem}",
+                    "input": job.input.model_copy(update={"path": location, "mask": mask}),
+                    "output": job.output.model_copy(
+                        update={"path": job.output.path.replace("{stem}", stem)}
+                    ),
+                }
+            )
+        )
+    return jobs
 
 
 def default_chunk(tile: int) -> int:
@@ -101,6 +178,10 @@ class PreparedJob:
 def prepare(job: PredictJob) -> PreparedJob:
     """Open and check everything; create nothing."""
     i, m, t, o = job.input, job.model, job.tiling, job.output
+    if not isinstance(i.path, str) or i.many:
+        raise ConfigError(
+            "prepare() takes a job over one image; split a job over several with expand_images()."
+        )
     image = InputImage(
         i.path, array=i.array, level=i.level, axes=i.axes, storage_options=i.storage_options
     )
