@@ -13,13 +13,14 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tilewise.errors import TilewiseError
-from tilewise.pipeline.job import PreparedJob, build_model, prepare
+from tilewise.pipeline.job import PreparedJob, build_model, expand_images, prepare
 from tilewise.pipeline.output import OutputStore
 from tilewise.spec import ComputeSpec, PredictJob
+from tilewise.workers.predictor import UnitResult
 
 __all__ = ["ActorLayout", "RunReport", "actor_layout", "run_job"]
 
@@ -49,6 +50,10 @@ class RunReport:
     halo: int = 0
     stitch: str = ""
     input_shape: list[int] = field(default_factory=list)
+    units_background: int = 0
+    computed_output: int = 0  # output pixels of the units the network computed
+    precision: str = ""
+    images: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def mpx_per_s(self) -> float:
@@ -57,8 +62,8 @@ class RunReport:
 
     @property
     def overlap(self) -> float:
-        """Computed pixels per output pixel (the price of the halo)."""
-        return self.computed_pixels / self.output_pixels if self.output_pixels else 0.0
+        """Computed pixels per output pixel of the computed units (the price of the halo)."""
+        return self.computed_pixels / self.computed_output if self.computed_output else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form, with the derived figures."""
@@ -75,12 +80,18 @@ class RunReport:
             f"tilewise run '{self.name}': {self.status}",
             f"  input    {c} x {h} x {w} (bands x height x width)",
             f"  model    {self.arch}: tile {self.tile}, halo {self.halo}, stitch {self.stitch}",
-            f"  units    {self.units_computed} computed, {self.units_skipped} skipped (already "
-            f"done), {self.units_total} in all",
+            f"  units    {self.units_computed} computed, {self.units_background} background "
+            f"(no foreground), {self.units_skipped} skipped (already done), {self.units_total} "
+            f"in all",
             f"  pixels   {self.output_pixels / 1e6:.1f} Mpx written in {self.seconds:.1f} s: "
             f"{self.mpx_per_s:.2f} Mpx/s; overlap overhead {self.overlap:.2f}x",
             f"  workers  {self.workers} on {self.device or '-'}",
             f"  output   {self.output}",
+            *(
+                f"  image    {r['name']}: {r['units_computed']} computed, "
+                f"{r['units_background']} background -> {r['output']}"
+                for r in self.images
+            ),
         ]
 
 
@@ -156,66 +167,99 @@ def actor_layout(
     return ActorLayout(n, cpus_each, gpus_each, device)
 
 
-def _actor_resources(job: PredictJob, workers: int | None) -> tuple[int, float, float, str]:
-    import ray
+@dataclass
+class _Image:
+    """Driver-side state of one image of the job."""
 
-    resources = ray.cluster_resources()
-    layout = actor_layout(
-        job.compute,
-        cpus=float(resources.get("CPU", 1)),
-        gpus=float(resources.get("GPU", 0)),
-        workers=workers,
-    )
-    return layout.actors, layout.cpus_each, layout.gpus_each, layout.device
+    prepared: PreparedJob
+    output: OutputStore
+    report: RunReport
+    background: set[int]
+    todo: list[int]
 
 
-def _run_units(
-    prepared: PreparedJob,
-    todo: list[int],
-    workers: int | None,
-    on_done: Callable[[int, int], None],
-) -> tuple[int, str]:
+def _connect_actors(jobs: list[dict[str, Any]], layout: ActorLayout, prefetch: int) -> list[Any]:
     import ray
 
     from tilewise.workers.predictor import Predictor
 
-    job = prepared.job
-    n, cpus_each, gpus_each, device = _actor_resources(job, workers)
-    n = min(n, len(todo))
     actor_class: Any = ray.remote(Predictor)
-    data = job.model_dump(mode="json")
-    actors = [
+    return [
         actor_class.options(
-            num_cpus=cpus_each, num_gpus=gpus_each, max_restarts=-1, max_task_retries=-1
-        ).remote(data, threads=int(cpus_each), device=device)
-        for _ in range(n)
+            num_cpus=layout.cpus_each,
+            num_gpus=layout.gpus_each,
+            # Threaded actor: the calls in flight read and write while one computes.
+            max_concurrency=prefetch + 1,
+            # A lost actor (its process or its node) is restarted and its calls retried; units
+            # are idempotent (same bytes), so a retry is harmless.
+            max_restarts=-1,
+            max_task_retries=-1,
+        ).remote(jobs, threads=int(layout.cpus_each), device=layout.device)
+        for _ in range(layout.actors)
     ]
+
+
+def _run_units(
+    jobs: list[dict[str, Any]],
+    todo: list[tuple[int, int, bool]],
+    layout: ActorLayout,
+    prefetch: int,
+    on_done: Callable[[UnitResult], None],
+) -> None:
+    """Hand ``(image, unit, background)`` items to a pool of actors until all are done.
+
+    Scheduling is dynamic: each actor has ``prefetch + 1`` calls in flight and gets the next
+    item as soon as one returns, so faster actors take more units. An actor that dies for good
+    (Ray gives up restarting it) has its items put back for the others.
+    """
+    import ray
+
+    actors = _connect_actors(jobs, layout, prefetch)
     queue = list(reversed(todo))
-    pending: dict[Any, Any] = {}
+    pending: dict[Any, tuple[Any, tuple[int, int, bool]]] = {}
+    alive = set(range(len(actors)))
 
-    def submit(actor: Any) -> None:
-        if queue:
-            pending[actor.run_unit.remote(queue.pop())] = actor
+    def submit(a: int) -> None:
+        if queue and a in alive:
+            item = queue.pop()
+            pending[actors[a].run_unit.remote(*item)] = (a, item)
 
-    for actor in actors:
-        for _ in range(IN_FLIGHT_PER_ACTOR):
-            submit(actor)
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        ref = ready[0]
-        actor = pending.pop(ref)
-        try:
-            index, pixels, _seconds = ray.get(ref)
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(exc.cause, TilewiseError) else None
-            if cause is not None:
-                raise cause from None
-            raise
-        on_done(index, pixels)
-        submit(actor)
-    for actor in actors:
-        ray.kill(actor)
-    return n, device
+    try:
+        for a in range(len(actors)):
+            for _ in range(prefetch + 1):
+                submit(a)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            a, item = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if isinstance(exc.cause, TilewiseError) else None
+                if cause is not None:
+                    raise cause from None
+                raise
+            except ray.exceptions.ActorDiedError:
+                alive.discard(a)
+                queue.append(item)
+                if not alive:
+                    raise TilewiseError(
+                        "every predictor actor died and Ray could not restart them (lost nodes "
+                        "or out of memory?); finished units are kept: run the job again to "
+                        "resume."
+                    ) from None
+                for b in alive:
+                    submit(b)
+                continue
+            except ray.exceptions.RayActorError:
+                queue.append(item)  # the actor is restarting: the unit goes to whoever is free
+                submit(a)
+                continue
+            on_done(result)
+            submit(a)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 def run_job(
@@ -229,73 +273,123 @@ def run_job(
 ) -> RunReport:
     """Run a predict job to completion (resuming a previous run of the same job).
 
+    Every image of the job is opened and checked, and its mask planned, before any output is
+    created; then all units of all images go to one pool of actors.
+
     Args:
-        job: the validated job.
+        job: the validated job (one image, or a list or glob of images).
         address: Ray cluster address (overrides ``compute.address`` and ``RAY_ADDRESS``).
         workers: predictor actors (overrides ``compute.workers``).
-        overwrite: replace an existing output, even one of another job.
+        overwrite: replace existing outputs, even of another job.
         progress: show a progress bar (units, Mpx/s, ETA).
         shuffle: hand out units in a random order with this seed (tests of order-freedom).
 
     Returns:
-        The run's report (also stored in the output's attributes).
+        The run's report (each image's own report is stored in its output's attributes); for
+        several images, the totals with one entry per image in ``images``.
     """
     t0 = time.perf_counter()
-    prepared = prepare(job)
+    singles = expand_images(job)
+    prepared = [prepare(j) for j in singles]
     if job.model.weights:  # a weights file that does not fit fails here, before any output exists
-        build_model(job, prepared.in_channels)
-    out = OutputStore(job.output.path, job.output.storage_options)
-    resumed = out.prepare(
-        prepared.layout,
-        fingerprint=prepared.fingerprint,
-        job=job.model_dump(mode="json"),
-        carried=prepared.image.carried_attributes(),
-        overwrite=overwrite or job.output.overwrite,
-    )
-    grid, plan = prepared.grid, prepared.plan
-    done = out.done_units() if resumed else set()
-    todo = [k for k in range(len(grid)) if k not in done]
+        build_model(singles[0], prepared[0].in_channels)
+    backgrounds = [_background_units(p) for p in prepared]
+    images: list[_Image] = []
+    for p, background in zip(prepared, backgrounds, strict=True):
+        j = p.job
+        out = OutputStore(j.output.path, j.output.storage_options)
+        resumed = out.prepare(
+            p.layout,
+            fingerprint=p.fingerprint,
+            job=j.model_dump(mode="json"),
+            carried=p.image.carried_attributes(),
+            overwrite=overwrite or j.output.overwrite,
+        )
+        done = out.done_units() if resumed else set()
+        report = _report(j, p, out, skipped=len(done))
+        remaining = [k for k in range(len(p.grid)) if k not in done]
+        images.append(_Image(p, out, report, background, remaining))
+    todo = [(i, k, k in im.background) for i, im in enumerate(images) for k in im.todo]
     if shuffle is not None:
         random.Random(shuffle).shuffle(todo)
-    report = RunReport(
-        name=job.name or "job",
-        output=out.location,
-        status="complete",
-        units_total=len(grid),
-        units_computed=0,
-        units_skipped=len(done),
-        output_pixels=0,
-        computed_pixels=0,
-        seconds=0.0,
-        arch=job.model.arch,
-        tile=plan.y.tile,
-        halo=plan.y.halo,
-        stitch=plan.stitch,
-        input_shape=list(prepared.image.shape),
-    )
+    workers_used, device = 0, ""
     if todo:
         started = _connect(address or job.compute.address)
         try:
-            report.workers, report.device = _run_with_progress(
-                prepared, todo, workers, report, progress
-            )
+            workers_used, device = _run_with_progress(images, todo, workers, job, progress, t0)
         finally:
             if started:
                 import ray
 
                 ray.shutdown()
-    report.seconds = time.perf_counter() - t0
-    out.finish(report.to_dict())
-    return report
+    seconds = time.perf_counter() - t0
+    for im in images:
+        im.report.seconds = seconds
+        im.report.workers, im.report.device = workers_used, device
+        im.output.finish(im.report.to_dict())
+    if len(images) == 1:
+        return images[0].report
+    total = _report(job, prepared[0], images[0].output, skipped=0)
+    total.output = job.output.path
+    total.input_shape = []
+    for name in (
+        "units_total",
+        "units_computed",
+        "units_skipped",
+        "units_background",
+        "output_pixels",
+        "computed_pixels",
+        "computed_output",
+    ):
+        setattr(total, name, sum(getattr(im.report, name) for im in images))
+    total.seconds, total.workers, total.device = seconds, workers_used, device
+    total.images = [im.report.to_dict() for im in images]
+    return total
+
+
+def _background_units(prepared: PreparedJob) -> set[int]:
+    """Units the job's tissue/array mask leaves without foreground (written, not computed)."""
+    mask = prepared.job.input.mask
+    if mask is None or mask.method == "nodata":
+        return set()
+    from tilewise.pipeline.masks import plan_foreground
+
+    fg = plan_foreground(prepared.image, mask, storage_options=prepared.job.input.storage_options)
+    if fg is None:
+        return set()
+    keep = fg.units_with_foreground(prepared.grid, mask.min_fraction)
+    return set(range(len(prepared.grid))) - keep
+
+
+def _report(job: PredictJob, p: PreparedJob, out: OutputStore, skipped: int) -> RunReport:
+    return RunReport(
+        name=job.name or "job",
+        output=out.location,
+        status="complete",
+        units_total=len(p.grid),
+        units_computed=0,
+        units_skipped=skipped,
+        output_pixels=0,
+        computed_pixels=0,
+        seconds=0.0,
+        arch=job.model.arch,
+        tile=p.plan.y.tile,
+        halo=p.plan.y.halo,
+        stitch=p.plan.stitch,
+        input_shape=list(p.image.shape),
+        precision=job.compute.precision,
+    )
 
 
 def _run_with_progress(
-    prepared: PreparedJob,
-    todo: list[int],
+    images: list[_Image],
+    todo: list[tuple[int, int, bool]],
     workers: int | None,
-    report: RunReport,
+    job: PredictJob,
     progress: bool,
+    t0: float,
 ) -> tuple[int, str]:
+    import ray
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -305,6 +399,14 @@ def _run_with_progress(
         TimeRemainingColumn,
     )
 
+    resources = ray.cluster_resources()
+    layout = actor_layout(
+        job.compute,
+        cpus=float(resources.get("CPU", 1)),
+        gpus=float(resources.get("GPU", 0)),
+        workers=workers,
+    )
+    layout = replace(layout, actors=min(layout.actors, len(todo)))
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -316,15 +418,30 @@ def _run_with_progress(
         TimeRemainingColumn(),
     )
     start = time.perf_counter()
+    jobs = [im.prepared.job.model_dump(mode="json") for im in images]
+    written = 0
     with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(report.name, total=len(todo), mpx=0.0)
+        task = bar.add_task(job.name or "job", total=len(todo), mpx=0.0)
 
-        def on_done(index: int, pixels: int) -> None:
-            unit = prepared.grid.unit(index)
-            report.units_computed += 1
-            report.output_pixels += pixels
-            report.computed_pixels += prepared.plan.computed_pixels(unit)
-            rate = report.output_pixels / 1e6 / max(1e-9, time.perf_counter() - start)
+        def on_done(result: UnitResult) -> None:
+            nonlocal written
+            im = images[result.image]
+            r = im.report
+            r.output_pixels += result.pixels
+            written += result.pixels
+            if result.computed:
+                r.units_computed += 1
+                r.computed_output += result.pixels
+                r.computed_pixels += im.prepared.plan.computed_pixels(
+                    im.prepared.grid.unit(result.index)
+                )
+            else:
+                r.units_background += 1
+            rate = written / 1e6 / max(1e-9, time.perf_counter() - start)
             bar.update(task, advance=1, mpx=rate)
 
-        return _run_units(prepared, todo, workers, on_done)
+        _run_units(jobs, todo, layout, job.compute.prefetch, on_done)
+    precision: str = job.compute.precision
+    if precision == "auto":
+        precision = "AMP bfloat16/float16" if layout.device == "cuda" else "float32"
+    return layout.actors, f"{layout.device} ({precision})"

@@ -9,6 +9,7 @@ buffer, runs them in batches, and crops (exact) or cross-fades (blend) their out
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -169,19 +170,27 @@ def _batches(items: Sequence[tuple[int, int]], size: int) -> Iterator[Sequence[t
         yield items[i : i + size]
 
 
-Preprocess = Callable[[np.ndarray], np.ndarray]
+Preprocess = Callable[[torch.Tensor], torch.Tensor]
 
 
 class TileEngine:
     """Predicts write units of one image with one network.
+
+    A unit goes through two steps, so that a caller can read the next unit while this one
+    computes: :meth:`read_unit` (the unit plus its halo, raw pixels, on the host) and
+    :meth:`compute_unit` (everything else on the device: normalisation, cutting windows,
+    batched forward passes, stitching in float32). :meth:`predict_unit` does both.
 
     Args:
         model: the network (put in eval mode here; BN uses its running statistics, dropout off).
         plan: the window geometry.
         batch_size: windows per forward pass.
         device: where the network runs.
-        preprocess: maps a raw (C, h, w) block to float32 network input (normalisation); applied
-            after padding so that padded pixels are normalised exactly like image pixels.
+        preprocess: maps a raw (C, h, w) tensor to float32 network input (normalisation) on the
+            device; applied after padding so that padded pixels are normalised exactly like
+            image pixels.
+        precision: ``torch.bfloat16``/``torch.float16`` run the forward passes under autocast
+            (AMP); scores are stitched in float32 either way. ``None`` = the model's own dtype.
     """
 
     def __init__(
@@ -192,6 +201,7 @@ class TileEngine:
         batch_size: int = 4,
         device: torch.device | str = "cpu",
         preprocess: Preprocess | None = None,
+        precision: torch.dtype | None = None,
     ) -> None:
         if batch_size < 1:
             raise PlanError(f"batch_size must be at least 1; got {batch_size}.")
@@ -203,41 +213,75 @@ class TileEngine:
         self.plan = plan
         self.batch_size = batch_size
         self.preprocess = preprocess
-        self._weights_y: dict[int, np.ndarray] = {}
-        self._weights_x: dict[int, np.ndarray] = {}
+        self.precision = precision if precision not in (None, torch.float32) else None
+        self._weights_y: dict[int, torch.Tensor] = {}
+        self._weights_x: dict[int, torch.Tensor] = {}
 
-    def forward(self, windows: np.ndarray) -> np.ndarray:
-        """Scores of a (B, C, n, n) float32 batch as (B, K, n - 2m, n - 2m) float32.
+    def _autocast(self) -> AbstractContextManager[object]:
+        if self.precision is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.precision)
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        """Scores of a (B, C, n, n) batch as (B, K, n - 2m, n - 2m) float32, on the device.
 
         With ``plan.flip`` the scores are PSPNet's ``score(x) + flip(score(flip(x)))``
         (horizontal flip), summed before the softmax as in ``scale_process.m``. With
         ``stitch: sliding`` the windows' probabilities are returned, since those are averaged.
         """
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(windows)).to(self.device, self.dtype)
+        with torch.inference_mode(), self._autocast():
+            x = windows.to(self.device, self.dtype) if self.dtype else windows.to(self.device)
             scores = self.model(x)
             if self.plan.flip:
                 scores = scores + self.model(x.flip(-1)).flip(-1)
-            if self.plan.stitch == "sliding":
-                scores = probabilities(scores)
-            return scores.float().cpu().numpy()
+        scores = scores.float()
+        if self.plan.stitch == "sliding":
+            scores = probabilities(scores)
+        return scores
 
-    def predict_unit(self, source: ImageSource, unit: Unit) -> np.ndarray:
-        """Stitched (K, h, w) float32 scores of ``unit``."""
+    def read_unit(self, source: ImageSource, unit: Unit) -> np.ndarray:
+        """The raw pixels a unit needs: the unit plus its halo, padded against the whole image."""
         plan = self.plan
         ry0, ry1 = plan.y.read_range(unit.y0, unit.y1)
         rx0, rx1 = plan.x.read_range(unit.x0, unit.x1)
-        buf = read_padded(source, ry0, ry1, rx0, rx1, mode=plan.pad_mode, value=plan.pad_value)
-        buf = self.preprocess(buf) if self.preprocess is not None else buf
-        buf = np.asarray(buf, dtype=np.float32)
+        return read_padded(source, ry0, ry1, rx0, rx1, mode=plan.pad_mode, value=plan.pad_value)
+
+    def to_device(self, raw: np.ndarray) -> torch.Tensor:
+        """A read unit on the device; through pinned memory (an asynchronous copy) on CUDA."""
+        t = torch.from_numpy(np.ascontiguousarray(raw))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def compute_unit(self, raw: np.ndarray | torch.Tensor, unit: Unit) -> torch.Tensor:
+        """Stitched (K, h, w) float32 scores of ``unit`` from its read pixels, on the device."""
+        t = raw if isinstance(raw, torch.Tensor) else self.to_device(raw)
+        with torch.inference_mode():
+            buf = self.preprocess(t) if self.preprocess is not None else t
+            buf = buf.to(torch.float32)
+            return self._stitch(buf, unit)
+
+    def predict_unit(self, source: ImageSource, unit: Unit) -> np.ndarray:
+        """Stitched (K, h, w) float32 scores of ``unit``, on the host."""
+        return self.compute_unit(self.read_unit(source, unit), unit).cpu().numpy()
+
+    def _stitch(self, buf: torch.Tensor, unit: Unit) -> torch.Tensor:
+        plan = self.plan
+        ry0, _ = plan.y.read_range(unit.y0, unit.y1)
+        rx0, _ = plan.x.read_range(unit.x0, unit.x1)
         ny, nx = plan.y.window, plan.x.window
         out_y, out_x = ny - 2 * plan.facts.margin, nx - 2 * plan.facts.margin
         uh, uw = unit.y1 - unit.y0, unit.x1 - unit.x0
-        acc: np.ndarray | None = None
+        acc: torch.Tensor | None = None
         sliding = plan.stitch == "sliding"
-        wsum = np.zeros((uh, uw), np.float32) if plan.stitch != "crop" else None
+        wsum = (
+            torch.zeros((uh, uw), dtype=torch.float32, device=self.device)
+            if plan.stitch != "crop"
+            else None
+        )
         for batch in _batches(plan.windows(unit), self.batch_size):
-            stack = np.stack(
+            # Windows are cut on the device: only the unit buffer crossed the bus.
+            stack = torch.stack(
                 [
                     buf[
                         :,
@@ -248,14 +292,16 @@ class TileEngine:
                 ]
             )
             scores = self.forward(stack)
-            if scores.shape[-2:] != (out_y, out_x):
+            if tuple(scores.shape[-2:]) != (out_y, out_x):
                 raise PlanError(
                     f"the network turned a {ny}x{nx} window into {scores.shape[-2]}x"
                     f"{scores.shape[-1]} scores, but its margin {plan.facts.margin} says "
                     f"{out_y}x{out_x}. Give the margin (pixels lost per side) that the network has."
                 )
             if acc is None:
-                acc = np.zeros((scores.shape[1], uh, uw), np.float32)
+                acc = torch.zeros(
+                    (scores.shape[1], uh, uw), dtype=torch.float32, device=self.device
+                )
             for (ky, kx), s in zip(batch, scores, strict=True):
                 if wsum is None:
                     self._place_core(acc, s, unit, ky, kx)
@@ -267,10 +313,10 @@ class TileEngine:
         if sliding:
             # Averaged probabilities go back to scores whose softmax (sigmoid) is exactly them,
             # so labels and stored probabilities follow from one representation.
-            return log_probabilities(torch.from_numpy(acc)[None])[0].numpy()
+            return log_probabilities(acc[None])[0]
         return acc
 
-    def _place_core(self, acc: np.ndarray, s: np.ndarray, unit: Unit, ky: int, kx: int) -> None:
+    def _place_core(self, acc: torch.Tensor, s: torch.Tensor, unit: Unit, ky: int, kx: int) -> None:
         p = self.plan
         assert isinstance(p.y, AxisGeometry) and isinstance(p.x, AxisGeometry)
         cy0, cy1 = p.y.core(ky)
@@ -282,19 +328,32 @@ class TileEngine:
             :, y0 - oy : y1 - oy, x0 - ox : x1 - ox
         ]
 
+    def _axis_weights(
+        self, axis: AxisGeometry | SlidingAxis, k: int, cache: dict[int, torch.Tensor]
+    ) -> torch.Tensor:
+        if k not in cache:
+            cache[k] = torch.from_numpy(_weights(axis, k)).to(self.device)
+        return cache[k]
+
     def _place_blend(
-        self, acc: np.ndarray, wsum: np.ndarray, s: np.ndarray, unit: Unit, ky: int, kx: int
+        self,
+        acc: torch.Tensor,
+        wsum: torch.Tensor,
+        s: torch.Tensor,
+        unit: Unit,
+        ky: int,
+        kx: int,
     ) -> None:
         p = self.plan
         sy0, sy1 = p.y.support(ky)
         sx0, sx1 = p.x.support(kx)
-        wy = self._weights_y.setdefault(ky, _weights(p.y, ky))
-        wx = self._weights_x.setdefault(kx, _weights(p.x, kx))
+        wy = self._axis_weights(p.y, ky, self._weights_y)
+        wx = self._axis_weights(p.x, kx, self._weights_x)
         y0, y1 = max(sy0, unit.y0), min(sy1, unit.y1)
         x0, x1 = max(sx0, unit.x0), min(sx1, unit.x1)
         if y0 >= y1 or x0 >= x1:
             return
-        w = np.outer(wy[y0 - sy0 : y1 - sy0], wx[x0 - sx0 : x1 - sx0])
+        w = torch.outer(wy[y0 - sy0 : y1 - sy0], wx[x0 - sx0 : x1 - sx0])
         oy, ox = p.y.output_origin(ky), p.x.output_origin(kx)
         acc[:, y0 - unit.y0 : y1 - unit.y0, x0 - unit.x0 : x1 - unit.x0] += (
             w * s[:, y0 - oy : y1 - oy, x0 - ox : x1 - ox]

@@ -39,13 +39,18 @@ _AUTO_SCALE = {np.dtype("uint8"): 1 / 255, np.dtype("uint16"): 1 / 65535}
 
 
 class Normalizer:
-    """Raw pixels -> network input: ``(x * scale - mean) / std`` per band, in float32."""
+    """Raw pixels -> network input: ``(x * scale - mean) / std`` per band, in float32.
+
+    It runs on the device the network runs on, so that only the raw pixels (uint8 for most
+    slides and scenes: a quarter of float32) cross the bus.
+    """
 
     def __init__(self, job: PredictJob, dtype: np.dtype, channels: int) -> None:
         spec = job.input.normalize
         self.scale = float(_AUTO_SCALE.get(dtype, 1.0) if spec.scale == "auto" else spec.scale)
         self.mean = self._per_band(spec.mean, channels, "mean", 0.0)
         self.std = self._per_band(spec.std, channels, "std", 1.0)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @staticmethod
     def _per_band(
@@ -60,9 +65,15 @@ class Normalizer:
             )
         return np.asarray(values, np.float32).reshape(-1, 1, 1)
 
-    def __call__(self, block: np.ndarray) -> np.ndarray:
-        x = block.astype(np.float32) * np.float32(self.scale)
-        return (x - self.mean) / self.std
+    def __call__(self, block: torch.Tensor) -> torch.Tensor:
+        if block.device not in self._on:
+            self._on[block.device] = (
+                torch.from_numpy(self.mean).to(block.device),
+                torch.from_numpy(self.std).to(block.device),
+            )
+        mean, std = self._on[block.device]
+        x = block.to(torch.float32) * torch.tensor(self.scale, dtype=torch.float32)
+        return (x - mean) / std
 
 
 def image_stem(location: str) -> str:

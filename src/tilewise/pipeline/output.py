@@ -196,15 +196,32 @@ class OutputStore:
         return self._group
 
     def write_unit(self, unit: Unit, scores: np.ndarray) -> None:
-        """Write one unit's labels and/or probabilities: whole chunks/shards, once each."""
+        """Write one unit's labels and/or probabilities from its scores, then its marker."""
+        group = self.group()
+        labels = probs = None
+        if "labels" in group:
+            labels = labels_from_scores(scores, str(group["labels/0"].dtype))
+        if "probabilities" in group:
+            probs = probabilities_from_scores(scores, str(group["probabilities/0"].dtype))
+        self.write_arrays(unit, labels, probs)
+
+    def dtypes(self) -> tuple[str | None, str | None]:
+        """The stored dtypes of labels and probabilities (None for an array not written)."""
+        group = self.group()
+        labels = str(group["labels/0"].dtype) if "labels" in group else None
+        probs = str(group["probabilities/0"].dtype) if "probabilities" in group else None
+        return labels, probs
+
+    def write_arrays(
+        self, unit: Unit, labels: np.ndarray | None, probabilities: np.ndarray | None
+    ) -> None:
+        """Write one unit's ready arrays (whole chunks/shards, once each), then its marker."""
         group = self.group()
         ys, xs = slice(unit.y0, unit.y1), slice(unit.x0, unit.x1)
-        if "labels" in group:
-            arr = group["labels/0"]
-            arr[ys, xs] = labels_from_scores(scores, str(arr.dtype))
-        if "probabilities" in group:
-            arr = group["probabilities/0"]
-            arr[:, ys, xs] = probabilities_from_scores(scores, str(arr.dtype))
+        if labels is not None:
+            group["labels/0"][ys, xs] = labels
+        if probabilities is not None:
+            group["probabilities/0"][:, ys, xs] = probabilities
         self._mark(unit.index)
 
     def _done_dir(self) -> str:

@@ -1,27 +1,72 @@
-"""From stitched scores to what is stored: class labels and probabilities."""
+"""From stitched scores to what is stored: class labels and probabilities.
+
+The predictor runs these on the device next to the network, so that only uint8/float16 results
+cross the bus; they take numpy arrays too (in-process use, tests).
+"""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
-__all__ = ["labels_from_scores", "probabilities_from_scores"]
+__all__ = [
+    "background_arrays",
+    "labels_from_scores",
+    "labels_tensor",
+    "probabilities_from_scores",
+    "probabilities_tensor",
+]
 
 
-def labels_from_scores(scores: np.ndarray, dtype: str) -> np.ndarray:
-    """Arg-max class per pixel of (K, h, w) scores; one score map means "score > 0"."""
-    if scores.shape[0] == 1:
-        return (scores[0] > 0).astype(dtype)
-    return np.argmax(scores, axis=0).astype(dtype)
+def _tensor(scores: np.ndarray | torch.Tensor) -> torch.Tensor:
+    return scores if isinstance(scores, torch.Tensor) else torch.from_numpy(np.asarray(scores))
 
 
-def probabilities_from_scores(scores: np.ndarray, dtype: str) -> np.ndarray:
+def labels_tensor(scores: np.ndarray | torch.Tensor, dtype: str) -> torch.Tensor:
+    """Arg-max class per pixel of (K, h, w) scores, where they are; one score map: score > 0.
+
+    uint8 labels stay uint8; uint16 ones come back as int32 (torch has no general uint16) and
+    are cast when copied out.
+    """
+    s = _tensor(scores)
+    labels = (s[0] > 0) if s.shape[0] == 1 else torch.argmax(s, dim=0)
+    return labels.to(torch.uint8 if dtype == "uint8" else torch.int32)
+
+
+def probabilities_tensor(scores: np.ndarray | torch.Tensor, dtype: str) -> torch.Tensor:
     """Softmax over classes (sigmoid for one score map) as float16 or uint8 (p * 255, rounded)."""
-    s = scores.astype(np.float32)
-    if s.shape[0] == 1:
-        p = 1.0 / (1.0 + np.exp(-s))
-    else:
-        e = np.exp(s - s.max(axis=0, keepdims=True))
-        p = e / e.sum(axis=0, keepdims=True)
+    s = _tensor(scores).to(torch.float32)
+    p = torch.sigmoid(s) if s.shape[0] == 1 else torch.softmax(s, dim=0)
     if dtype == "uint8":
-        return np.rint(p * 255.0).astype(np.uint8)
-    return p.astype(np.float16)
+        return torch.round(p * 255.0).to(torch.uint8)
+    return p.to(torch.float16)
+
+
+def labels_from_scores(scores: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
+    """Arg-max class per pixel of (K, h, w) scores as a numpy array of ``dtype``."""
+    return labels_tensor(scores, dtype).cpu().numpy().astype(dtype, copy=False)
+
+
+def probabilities_from_scores(scores: np.ndarray | torch.Tensor, dtype: str) -> np.ndarray:
+    """Softmax (sigmoid) of (K, h, w) scores as a numpy float16 or uint8 array."""
+    return probabilities_tensor(scores, dtype).cpu().numpy()
+
+
+def background_arrays(
+    num_classes: int,
+    height: int,
+    width: int,
+    background: int,
+    labels: str | None,
+    probs: str | None,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """What a unit without foreground stores: the background class, with probability one."""
+    lab = np.full((height, width), background, dtype=labels) if labels else None
+    prob = None
+    if probs:
+        prob = np.zeros((num_classes, height, width), dtype=probs)
+        if num_classes == 1:
+            prob[0] = 0 if background == 0 else (255 if probs == "uint8" else 1)
+        else:
+            prob[background] = 255 if probs == "uint8" else 1
+    return lab, prob

@@ -1,59 +1,209 @@
 """The predictor: what runs inside each Ray actor of a predict job.
 
-An actor gets the job once, opens the input and output stores itself, builds the network once,
-and is then handed unit indices only: pixels never travel through the driver or the object store
-(DESIGN.md rule 2).
+An actor gets the job once (one entry per image), opens the input and output stores itself,
+builds the network once, and is then handed ``(image, unit)`` indices only: pixels never travel
+through the driver or the object store (DESIGN.md rule 2).
+
+It keeps the device busy by overlapping the three stages of a unit. The actor is threaded
+(Ray's ``max_concurrency``); the driver keeps ``prefetch + 1`` calls in flight on it, so while
+one call holds the device, the others read their units (Zarr decoding releases the GIL) or
+write finished ones. Only the device stage is serialised, by a lock, which also keeps each
+unit's arithmetic independent of what else is in flight (bit-identical outputs).
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
-from tilewise.pipeline.api import default_device
 from tilewise.pipeline.engine import TileEngine
-from tilewise.pipeline.job import build_model, prepare
+from tilewise.pipeline.job import PreparedJob, build_model, prepare
 from tilewise.pipeline.output import OutputStore
+from tilewise.pipeline.postprocess import background_arrays, labels_tensor, probabilities_tensor
 from tilewise.spec import PredictJob
 
-__all__ = ["Predictor"]
+__all__ = ["Predictor", "UnitResult", "resolve_precision"]
+
+# Images whose stores and plans an actor keeps open at once (jobs over thousands of slides).
+OPEN_IMAGES = 4
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``compute.precision`` on ``device`` (None = no autocast)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    """What a unit call reports to the driver."""
+
+    image: int
+    index: int
+    pixels: int
+    computed: bool  # False for a unit written as background without running the network
+    seconds: float
+
+
+@dataclass
+class _Image:
+    prepared: PreparedJob
+    engine: TileEngine
+    output: OutputStore
+    nodata: float | None
 
 
 class Predictor:
-    """Computes and writes write units of one job.
+    """Computes and writes the write units of one job (one or several images).
 
     Args:
-        job: the job as JSON-able data (``PredictJob.model_dump(mode="json")``; paths absolute).
+        jobs: one single-image job per image, as JSON-able data
+            (``PredictJob.model_dump(mode="json")``, paths absolute).
         threads: torch intra-op threads (the CPUs Ray gave this actor).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
     """
 
-    def __init__(self, job: dict[str, Any], *, threads: int = 1, device: str = "auto") -> None:
-        spec = PredictJob.model_validate(job)
+    def __init__(
+        self, jobs: list[dict[str, Any]], *, threads: int = 1, device: str = "auto"
+    ) -> None:
+        self.specs = [PredictJob.model_validate(j) for j in jobs]
         torch.set_num_threads(max(1, threads))
-        self.prepared = prepare(spec)
-        dev = default_device() if device == "auto" else torch.device(device)
-        model = build_model(spec, self.prepared.in_channels)
-        self.engine = TileEngine(
-            model,
-            self.prepared.plan,
-            batch_size=spec.tiling.batch_size,
-            device=dev,
-            preprocess=self.prepared.normalizer,
-        )
-        self.output = OutputStore(spec.output.path, spec.output.storage_options)
-        self.device = str(dev)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.precision = resolve_precision(self.specs[0].compute.precision, self.device)
+        self._models: dict[int, nn.Module] = {}
+        self._images: OrderedDict[int, _Image] = OrderedDict()
+        self._open_lock = threading.Lock()
+        self._device_lock = threading.Lock()
 
-    def run_unit(self, index: int) -> tuple[int, int, float]:
-        """Compute unit ``index``, write it once, record it done; return (index, px, seconds)."""
+    # -- per image state -------------------------------------------------------------------
+    def _model(self, in_channels: int) -> nn.Module:
+        if in_channels not in self._models:
+            model = build_model(self.specs[0], in_channels)
+            if self.device.type == "cuda" and torch.cuda.device_count() > 1:
+                # gpus_per_worker >= 2: each batch is split over the actor's GPUs.
+                model = nn.DataParallel(model)
+            self._models[in_channels] = model
+        return self._models[in_channels]
+
+    def _image(self, image: int) -> _Image:
+        with self._open_lock:
+            state = self._images.get(image)
+            if state is not None:
+                self._images.move_to_end(image)
+                return state
+            spec = self.specs[image]
+            prepared = prepare(spec)
+            engine = TileEngine(
+                self._model(prepared.in_channels),
+                prepared.plan,
+                batch_size=spec.tiling.batch_size,
+                device=self.device,
+                preprocess=prepared.normalizer,
+                precision=self.precision,
+            )
+            nodata = None
+            mask = spec.input.mask
+            if mask is not None and mask.method == "nodata":
+                from tilewise.pipeline.masks import resolve_nodata
+
+                nodata = resolve_nodata(prepared.image, mask)
+            state = _Image(
+                prepared, engine, OutputStore(spec.output.path, spec.output.storage_options), nodata
+            )
+            self._images[image] = state
+            while len(self._images) > OPEN_IMAGES:
+                self._images.popitem(last=False)
+            return state
+
+    # -- units -------------------------------------------------------------------------------
+    def run_unit(self, image: int, index: int, background: bool = False) -> UnitResult:
+        """Compute unit ``index`` of image ``image``, write it once, record it done.
+
+        ``background`` units (no foreground in the job's mask) are written as the background
+        class without reading or computing anything.
+        """
         t0 = time.perf_counter()
-        unit = self.prepared.grid.unit(index)
-        scores = self.engine.predict_unit(self.prepared.image, unit)
-        self.output.write_unit(unit, scores)
-        return index, unit.pixels, time.perf_counter() - t0
+        state = self._image(image)
+        unit = state.prepared.grid.unit(index)
+        if background:
+            self._write_background(state, unit)
+            return UnitResult(image, index, unit.pixels, False, time.perf_counter() - t0)
+        raw = state.engine.read_unit(state.prepared.image, unit)
+        nodata = None
+        if state.nodata is not None:
+            nodata = _nodata_pixels(raw, state, unit)
+            if bool(nodata.all()):
+                self._write_background(state, unit)
+                return UnitResult(image, index, unit.pixels, False, time.perf_counter() - t0)
+        label_dtype, prob_dtype = state.output.dtypes()
+        with self._device_lock:
+            scores = state.engine.compute_unit(raw, unit)
+            labels = labels_tensor(scores, label_dtype) if label_dtype else None
+            probs = probabilities_tensor(scores, prob_dtype) if prob_dtype else None
+            if nodata is not None and bool(nodata.any()):
+                # No-data pixels of a scene stay background, like whole no-data units.
+                self._blank(state, labels, probs, torch.from_numpy(nodata).to(self.device))
+            host = [None if t is None else t.to("cpu", non_blocking=True) for t in (labels, probs)]
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+        # Written outside the lock: the next unit computes meanwhile.
+        out = [None if t is None else t.numpy() for t in host]
+        if out[0] is not None and label_dtype == "uint16":
+            out[0] = out[0].astype(np.uint16)
+        state.output.write_arrays(unit, out[0], out[1])
+        return UnitResult(image, index, unit.pixels, True, time.perf_counter() - t0)
+
+    @staticmethod
+    def _blank(
+        state: _Image, labels: torch.Tensor | None, probs: torch.Tensor | None, where: torch.Tensor
+    ) -> None:
+        mask = state.prepared.job.input.mask
+        background = mask.background_class if mask is not None else 0
+        if labels is not None:
+            labels[where] = background
+        if probs is not None:
+            one = 255 if probs.dtype == torch.uint8 else 1
+            probs[:, where] = 0
+            if probs.shape[0] > 1:
+                probs[background, where] = one
+            elif background == 1:
+                probs[0, where] = one
+
+    def _write_background(self, state: _Image, unit: Any) -> None:
+        mask = state.prepared.job.input.mask
+        label_dtype, prob_dtype = state.output.dtypes()
+        labels, probs = background_arrays(
+            state.prepared.layout.num_classes,
+            unit.y1 - unit.y0,
+            unit.x1 - unit.x0,
+            mask.background_class if mask is not None else 0,
+            label_dtype,
+            prob_dtype,
+        )
+        state.output.write_arrays(unit, labels, probs)
 
     def describe(self) -> str:
         """Where this actor computes (for the report)."""
-        return self.device
+        precision = "float32" if self.precision is None else str(self.precision).split(".")[-1]
+        return f"{self.device} ({precision})"
+
+
+def _nodata_pixels(raw: np.ndarray, state: _Image, unit: Any) -> np.ndarray:
+    """(h, w) bool: the unit's own pixels (not its halo) whose bands all equal no-data."""
+    plan = state.prepared.plan
+    ry0, _ = plan.y.read_range(unit.y0, unit.y1)
+    rx0, _ = plan.x.read_range(unit.x0, unit.x1)
+    core = raw[:, unit.y0 - ry0 : unit.y1 - ry0, unit.x0 - rx0 : unit.x1 - rx0]
+    return np.asarray((core == state.nodata).all(axis=0))
