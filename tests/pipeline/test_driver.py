@@ -14,7 +14,7 @@ import zarr
 from tests.conftest import write_input
 from tests.reference import whole_image
 from tilewise import models
-from tilewise.errors import OutputExistsError
+from tilewise.errors import InputError, OutputExistsError
 from tilewise.pipeline.driver import run_job
 from tilewise.spec import parse_job
 
@@ -208,3 +208,81 @@ def test_sliding_pspnet_job_equals_the_papers_protocol_on_the_whole_image(tmp_pa
     out = zarr.open_group(tmp_path / "out.zarr", mode="r")
     probs = out["probabilities/0"][:].astype(np.float64)
     assert np.abs(probs - expected).max() < 2e-3  # float16 storage
+
+
+def _expected(image_path: Path, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-image probabilities and a mask of pixels whose arg-max is clear-cut."""
+    image = zarr.open_array(image_path, mode="r")[:].astype(np.float32) / 255
+    torch.manual_seed(seed)
+    model = models.create("unet_same", in_channels=3, num_classes=3, depth=2, base_width=4)
+    p = torch.softmax(torch.from_numpy(whole_image(model, image, model.tiling)), 0).numpy()
+    top2 = np.sort(p, axis=0)[-2:]
+    return p, top2[1] - top2[0] > 1e-4
+
+
+def test_a_job_over_a_glob_of_images_writes_one_output_per_image(tmp_path: Path) -> None:
+    (tmp_path / "slides").mkdir()
+    shapes = {"a": (3, 150, 190), "b": (3, 97, 64), "c": (3, 64, 200)}
+    for k, (name, shape) in enumerate(shapes.items()):
+        write_input(tmp_path / "slides" / f"{name}.zarr", shape=shape, seed=10 + k)
+    job = _job(
+        tmp_path,
+        input__path=str(tmp_path / "slides" / "*.zarr"),
+        output__path=str(tmp_path / "out" / "{stem}.seg.zarr"),
+    )
+    report = run_job(job, workers=2, progress=False)
+    assert [r["name"] for r in report.images] == ["t/a", "t/b", "t/c"]
+    assert report.units_total == sum(r["units_total"] for r in report.images)
+    assert report.output_pixels == sum(h * w for _, h, w in shapes.values())
+    for name in shapes:
+        out = zarr.open_group(tmp_path / "out" / f"{name}.seg.zarr", mode="r")
+        expected, decided = _expected(tmp_path / "slides" / f"{name}.zarr")
+        probs = out["probabilities/0"][:].astype(np.float32)
+        assert probs.shape == expected.shape
+        assert np.abs(probs - expected).max() < 2e-3
+        assert np.array_equal(out["labels/0"][:][decided], expected.argmax(0)[decided])
+        assert out.attrs["tilewise"]["status"] == "complete"
+    # A rerun finds every image done.
+    again = run_job(job, progress=False)
+    assert again.units_computed == 0 and again.units_skipped == report.units_total
+
+
+def test_a_list_of_images_with_a_pattern_that_matches_nothing_is_refused_before_any_output(
+    tmp_path: Path,
+) -> None:
+    write_input(tmp_path / "a.zarr")
+    job = _job(
+        tmp_path,
+        input__path=[str(tmp_path / "a.zarr"), str(tmp_path / "missing" / "*.zarr")],
+        output__path=str(tmp_path / "out" / "{stem}.zarr"),
+    )
+    with pytest.raises(InputError, match="matches no image"):
+        run_job(job, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_ahead_does_not_change_a_byte(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr", shape=(3, 200, 170), seed=5)
+    digests = []
+    for prefetch in (0, 3):
+        out = tmp_path / f"out{prefetch}.zarr"
+        job = _job(
+            tmp_path, output__path=str(out), compute__prefetch=prefetch, compute__cpus_per_worker=1
+        )
+        run_job(job, workers=1, progress=False)
+        digests.append(_digest(out))
+    assert digests[0] == digests[1]
+
+
+def test_bfloat16_autocast_stays_close_to_float32_whole_image_inference(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr")
+    report = run_job(_job(tmp_path, compute__precision="bfloat16"), progress=False)
+    assert report.device == "cpu (bfloat16)"
+    expected, decided = _expected(tmp_path / "in.zarr")
+    probs = zarr.open_group(tmp_path / "out.zarr", mode="r")["probabilities/0"][:]
+    error = np.abs(probs.astype(np.float32) - expected)
+    # bfloat16 keeps 8 bits of mantissa: close to float32, but not equal to it.
+    assert 0 < error.max() < 0.1
+    labels = zarr.open_group(tmp_path / "out.zarr", mode="r")["labels/0"][:]
+    clear = decided & (np.sort(expected, axis=0)[-1] - np.sort(expected, axis=0)[-2] > 0.05)
+    assert np.array_equal(labels[clear], expected.argmax(0)[clear])
