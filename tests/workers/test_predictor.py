@@ -1,0 +1,106 @@
+"""The predictor actor's class, driven in-process (and on CUDA when there is one)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from tests.conftest import write_input
+from tilewise.pipeline.job import prepare
+from tilewise.pipeline.output import OutputStore
+from tilewise.spec import parse_job
+from tilewise.workers.predictor import Predictor, resolve_precision
+
+
+def _job(tmp_path: Path, out: str, **compute: Any) -> Any:
+    return parse_job(
+        {
+            "kind": "predict",
+            "input": {"path": str(tmp_path / "in.zarr")},
+            "model": {"arch": "unet_same", "num_classes": 2, "args": {"depth": 2, "base_width": 4}},
+            "tiling": {"tile": 32, "batch_size": 2},
+            "output": {
+                "path": str(tmp_path / out),
+                "labels": "uint8",
+                "probabilities": "uint8",
+                "chunk": 64,
+            },
+            "compute": compute,
+        }
+    )
+
+
+def _prepare_output(job: Any) -> Any:
+    p = prepare(job)
+    out = OutputStore(job.output.path)
+    out.prepare(p.layout, fingerprint=p.fingerprint, job={}, carried={}, overwrite=True)
+    return p
+
+
+def _scores_reference(job: Any, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    from tilewise.pipeline.api import predict_array
+    from tilewise.pipeline.job import build_model
+
+    p = prepare(job)
+    image = zarr.open_array(job.input.path, mode="r")[:].astype(np.float32) / 255
+    scores = predict_array(build_model(job, 3), image, tile=32, device=device)
+    probs = torch.softmax(torch.from_numpy(scores), 0).numpy()
+    assert p.layout.height == scores.shape[1]
+    return scores.argmax(0), probs
+
+
+def test_concurrent_calls_give_the_units_of_sequential_calls(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr", shape=(3, 200, 190))
+    job = _job(tmp_path, "a.zarr")
+    p = _prepare_output(job)
+    predictor = Predictor([job.model_dump(mode="json")], threads=1, device="cpu")
+    threads = [threading.Thread(target=predictor.run_unit, args=(0, k)) for k in range(len(p.grid))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    labels, probs = _scores_reference(job)
+    out = zarr.open_group(tmp_path / "a.zarr", mode="r")
+    assert np.abs(out["probabilities/0"][:].astype(int) - np.rint(probs * 255)).max() <= 1
+    top = np.sort(probs, 0)
+    decided = top[-1] - top[-2] > 1e-3
+    assert np.array_equal(out["labels/0"][:][decided], labels[decided])
+
+
+def test_background_units_are_written_without_the_network(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr", shape=(3, 64, 128))
+    job = _job(tmp_path, "b.zarr")
+    _prepare_output(job)
+    predictor = Predictor([job.model_dump(mode="json")], threads=1, device="cpu")
+    result = predictor.run_unit(0, 1, True)
+    assert not result.computed and result.pixels == 64 * 64
+    out = zarr.open_group(tmp_path / "b.zarr", mode="r")
+    assert (out["labels/0"][:, 64:] == 0).all() and (out["probabilities/0"][0, :, 64:] == 255).all()
+    assert sorted(OutputStore(str(tmp_path / "b.zarr")).done_units()) == [1]
+
+
+def test_precision_auto_is_float32_on_cpu() -> None:
+    assert resolve_precision("auto", torch.device("cpu")) is None
+    assert resolve_precision("float16", torch.device("cpu")) is torch.float16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_amp_units_match_cpu_float32(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr", shape=(3, 200, 190))
+    for precision in ("float32", "bfloat16", "float16"):
+        job = _job(tmp_path, f"{precision}.zarr", precision=precision)
+        p = _prepare_output(job)
+        predictor = Predictor([job.model_dump(mode="json")], threads=1, device="cuda")
+        for k in range(len(p.grid)):
+            predictor.run_unit(0, k)
+        _, probs = _scores_reference(job)
+        got = zarr.open_group(tmp_path / f"{precision}.zarr", mode="r")["probabilities/0"][:]
+        error = np.abs(got.astype(int) - np.rint(probs * 255)).max()
+        assert error <= (1 if precision == "float32" else 8)
