@@ -26,7 +26,13 @@ __all__ = ["ActorLayout", "RunReport", "actor_layout", "run_job"]
 
 # glibc returns large freed blocks to the OS on every free; with activations of tens of MB a
 # forward pass then spends more time page-faulting than convolving (reference/performance.md).
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+# Each thread of the threaded predictor would also get its own malloc arena, and arenas that
+# keep freed blocks fragment: two arenas kept a 28,000^2 run's predictor flat (bench/README.md).
+ALLOCATOR_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "1073741824",
+    "MALLOC_TRIM_THRESHOLD_": "1073741824",
+    "MALLOC_ARENA_MAX": "2",
+}
 IN_FLIGHT_PER_ACTOR = 2
 
 
