@@ -286,3 +286,50 @@ def test_bfloat16_autocast_stays_close_to_float32_whole_image_inference(tmp_path
     labels = zarr.open_group(tmp_path / "out.zarr", mode="r")["labels/0"][:]
     clear = decided & (np.sort(expected, axis=0)[-1] - np.sort(expected, axis=0)[-2] > 0.05)
     assert np.array_equal(labels[clear], expected.argmax(0)[clear])
+
+
+def _slide(path: Path, shape: tuple[int, int] = (192, 256)) -> np.ndarray:
+    """A bright slide with one dark, textured tissue blob in its top-left corner."""
+    rng = np.random.default_rng(8)
+    h, w = shape
+    image = np.full((3, h, w), 235, np.uint8) + rng.integers(0, 8, (3, h, w)).astype(np.uint8)
+    image[:, 10:70, 20:90] = rng.integers(20, 140, (3, 60, 70))
+    zarr.create_array(path, data=image, chunks=(3, 64, 64), dimension_names=("c", "y", "x"))
+    return image
+
+
+def test_a_tissue_mask_skips_units_without_tissue_and_writes_them_as_background(
+    tmp_path: Path,
+) -> None:
+    _slide(tmp_path / "in.zarr")
+    job = _job(tmp_path, input__mask={"method": "tissue", "background_class": 2})
+    report = run_job(job, progress=False)
+    # 3 x 4 units of 64 px; the blob (rows 10..70, cols 20..90, a pixel of dilation) touches
+    # units (0,0), (0,1), (1,0) and (1,1): the other 8 are never computed.
+    assert report.units_computed == 4 and report.units_background == 8
+    expected, decided = _expected(tmp_path / "in.zarr")
+    out = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    labels, probs = out["labels/0"][:], out["probabilities/0"][:].astype(np.float32)
+    computed = np.zeros(labels.shape, bool)
+    computed[:128, :128] = True
+    assert np.abs(probs[:, computed] - expected[:, computed]).max() < 2e-3
+    assert np.array_equal(labels[computed & decided], expected.argmax(0)[computed & decided])
+    assert (labels[~computed] == 2).all()
+    assert (probs[2][~computed] == 1).all() and (probs[:2][:, ~computed] == 0).all()
+
+
+def test_a_nodata_mask_skips_empty_units_and_blanks_nodata_pixels(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr", shape=(3, 128, 192), seed=6)
+    arr = zarr.open_array(tmp_path / "in.zarr", mode="r+")
+    arr[:, :, :100] = 0  # a scene's no-data edge: units of columns 0..63 are empty
+    arr.attrs["nodata"] = 0
+    job = _job(tmp_path, input__mask={"method": "nodata"})
+    report = run_job(job, progress=False)
+    assert report.units_background == 2 and report.units_computed == 4
+    expected, decided = _expected(tmp_path / "in.zarr")
+    out = zarr.open_group(tmp_path / "out.zarr", mode="r")
+    labels = out["labels/0"][:]
+    assert (labels[:, :100] == 0).all()
+    valid = np.zeros(labels.shape, bool)
+    valid[:, 100:] = True
+    assert np.array_equal(labels[valid & decided], expected.argmax(0)[valid & decided])

@@ -206,4 +206,7 @@ def _nodata_pixels(raw: np.ndarray, state: _Image, unit: Any) -> np.ndarray:
     ry0, _ = plan.y.read_range(unit.y0, unit.y1)
     rx0, _ = plan.x.read_range(unit.x0, unit.x1)
     core = raw[:, unit.y0 - ry0 : unit.y1 - ry0, unit.x0 - rx0 : unit.x1 - rx0]
-    return np.asarray((core == state.nodata).all(axis=0))
+    from tilewise.pipeline.masks import nodata_pixels
+
+    assert state.nodata is not None  # only called for nodata masks
+    return nodata_pixels(core, state.nodata)
