@@ -72,8 +72,10 @@ class Normalizer:
                 torch.from_numpy(self.std).to(block.device),
             )
         mean, std = self._on[block.device]
-        x = block.to(torch.float32) * torch.tensor(self.scale, dtype=torch.float32)
-        return (x - mean) / std
+        # One float32 copy, normalised in place (a unit buffer is the largest host array).
+        x = block.to(torch.float32, copy=True)
+        x.mul_(torch.tensor(self.scale, dtype=torch.float32))
+        return x.sub_(mean).div_(std)
 
 
 def image_stem(location: str) -> str:
