@@ -14,6 +14,7 @@ import difflib
 from collections.abc import Iterable
 
 __all__ = [
+    "ClusterError",
     "ConfigError",
     "InputError",
     "OutputExistsError",
@@ -47,6 +48,10 @@ class StoreNotFoundError(TilewiseError, FileNotFoundError):
 
 class OutputExistsError(TilewiseError, FileExistsError):
     """The output exists and belongs to a different job; it is never overwritten silently."""
+
+
+class ClusterError(TilewiseError, ConnectionError):
+    """The Ray cluster cannot be reached, refuses the request, or refuses the submission."""
 
 
 class UnknownArchitectureError(TilewiseError, KeyError):

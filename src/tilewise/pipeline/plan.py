@@ -775,7 +775,7 @@ def _memory(
     cuda = setting.device == "cuda"
     dtype = _DTYPES[setting.precision]
     batch = max(1, min(job.tiling.batch_size, im.windows_max))
-    first, until_outputs, per_batch = ("normalise",), ("normalise", "batches"), ("batches",)
+    until_outputs, per_batch = ("normalise", "batches"), ("batches",)
     from_batches, after = ("batches", "outputs"), ("outputs",)
 
     raw = c * rh * rw * raw_dtype.itemsize
@@ -796,7 +796,6 @@ def _memory(
     flips = ", two passes (flip)" if plan.flip or job.model.tta == "flip" else ""
     dev += [
         MemoryItem("unit normalised (float32)", unit32, f"{c} x {rh} x {rw}", until_outputs),
-        MemoryItem("normalisation temporaries", 2 * unit32, "2 x float32 unit", first),
         MemoryItem(
             "batch of windows (float32)",
             batch * c * wy * wx * 4,
