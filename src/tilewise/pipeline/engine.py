@@ -307,7 +307,7 @@ class TileEngine:
                     self._place_core(acc, s, unit, ky, kx)
                 else:
                     self._place_blend(acc, wsum, s, unit, ky, kx)
-            del stack, scores  # not alive during the next batch's forward pass
+            del stack, scores, s  # not alive during the next batch's forward pass
         assert acc is not None  # every unit has at least one window
         if wsum is not None:
             acc /= wsum
