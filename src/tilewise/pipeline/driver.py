@@ -33,7 +33,11 @@ ALLOCATOR_ENV = {
     "MALLOC_TRIM_THRESHOLD_": "1073741824",
     "MALLOC_ARENA_MAX": "2",
 }
-IN_FLIGHT_PER_ACTOR = 2
+# A call waiting this much longer than a typical unit (and at least STALL_MIN_SECONDS) while
+# other actors idle is copied to one of them (see _run_units).
+STALL_FACTOR = 5.0
+STALL_MIN_SECONDS = 10.0
+STALL_CHECK_SECONDS = 2.0
 
 
 @dataclass
@@ -216,28 +220,58 @@ def _run_units(
 
     Scheduling is dynamic: each actor has ``prefetch + 1`` calls in flight and gets the next
     item as soon as one returns, so faster actors take more units. An actor that dies for good
-    (Ray gives up restarting it) has its items put back for the others.
+    (Ray gives up restarting it) has its items put back for the others. Once the queue is empty,
+    a call that has waited far longer than units take (its actor lost with its node and waiting
+    for a place to restart) is also given to an idle actor: units are idempotent, so whichever
+    copy finishes first counts and the other rewrites the same bytes.
     """
+    import statistics
+
     import ray
 
     actors = _connect_actors(jobs, layout, prefetch)
     queue = list(reversed(todo))
-    pending: dict[Any, tuple[Any, tuple[int, int, bool]]] = {}
+    pending: dict[Any, tuple[int, tuple[int, int, bool], float]] = {}
     alive = set(range(len(actors)))
+    done: set[tuple[int, int, bool]] = set()
+    copied: set[tuple[int, int, bool]] = set()
+    durations: list[float] = []
 
-    def submit(a: int) -> None:
-        if queue and a in alive:
+    def submit(a: int, item: tuple[int, int, bool] | None = None) -> None:
+        if item is None:
+            if not queue or a not in alive:
+                return
             item = queue.pop()
-            pending[actors[a].run_unit.remote(*item)] = (a, item)
+        pending[actors[a].run_unit.remote(*item)] = (a, item, time.perf_counter())
+
+    def in_flight(a: int) -> int:
+        return sum(1 for b, _, _ in pending.values() if b == a)
+
+    def copy_stalled() -> None:
+        if queue:
+            return
+        typical = statistics.median(durations) if durations else 0.0
+        limit = max(STALL_MIN_SECONDS, STALL_FACTOR * typical)
+        now = time.perf_counter()
+        for a, item, since in list(pending.values()):
+            if item in done or item in copied or now - since < limit:
+                continue
+            idle = [b for b in alive if b != a and in_flight(b) <= prefetch]
+            if idle:
+                copied.add(item)
+                submit(idle[0], item)
 
     try:
         for a in range(len(actors)):
             for _ in range(prefetch + 1):
                 submit(a)
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+        while len(done) < len(todo):
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=STALL_CHECK_SECONDS)
+            if not ready:
+                copy_stalled()
+                continue
             ref = ready[0]
-            a, item = pending.pop(ref)
+            a, item, since = pending.pop(ref)
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayTaskError as exc:
@@ -247,7 +281,8 @@ def _run_units(
                 raise
             except ray.exceptions.ActorDiedError:
                 alive.discard(a)
-                queue.append(item)
+                if item not in done:
+                    queue.append(item)
                 if not alive:
                     raise TilewiseError(
                         "every predictor actor died and Ray could not restart them (lost nodes "
@@ -255,13 +290,18 @@ def _run_units(
                         "resume."
                     ) from None
                 for b in alive:
-                    submit(b)
+                    while in_flight(b) <= prefetch and queue:
+                        submit(b)
                 continue
             except ray.exceptions.RayActorError:
-                queue.append(item)  # the actor is restarting: the unit goes to whoever is free
+                if item not in done:
+                    queue.append(item)  # the actor is restarting: whoever is free takes it
                 submit(a)
                 continue
-            on_done(result)
+            durations.append(time.perf_counter() - since)
+            if item not in done:
+                done.add(item)
+                on_done(result)
             submit(a)
     finally:
         for actor in actors:
