@@ -214,3 +214,7 @@ def test_losing_a_node_without_replacement_completes_on_the_remaining_actor(
     # cannot be placed again, and its three calls in flight must be done by the other.
     result = _run_scenario(root, "node", 2, "--no-replace", "--timeout", "60", name="shrunk")
     _check_complete_and_identical(root, "shrunk", result, digest)
+    # No new incarnation of the victim ran anything (there was no node for it): every unit
+    # after the kill was done by the one surviving process.
+    survivors = set(result["units_by_pid"]) - {str(result["victim"]["pid"])}
+    assert len(survivors) == 1

@@ -39,6 +39,8 @@ STALL_FACTOR = 5.0
 STALL_MIN_SECONDS = 10.0
 STALL_CHECK_SECONDS = 2.0
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class RunReport:
@@ -236,6 +238,7 @@ def _run_units(
     done: set[tuple[int, int, bool]] = set()
     copied: set[tuple[int, int, bool]] = set()
     durations: list[float] = []
+    progress = [time.perf_counter(), 0.0]  # last unit finished, last stall warning
 
     def submit(a: int, item: tuple[int, int, bool] | None = None) -> None:
         if item is None:
@@ -261,6 +264,23 @@ def _run_units(
                 copied.add(item)
                 submit(idle[0], item)
 
+    def warn_stalled() -> None:
+        # Ray retries the calls of a lost actor forever and never fails them: when no node can
+        # take it (one actor, or every actor lost), the run would otherwise stop silently.
+        typical = statistics.median(durations) if durations else 0.0
+        limit = max(STALL_MIN_SECONDS, STALL_FACTOR * typical)
+        now = time.perf_counter()
+        if now - progress[0] > limit and now - progress[1] > limit:
+            progress[1] = now
+            log.warning(
+                "no unit has finished for %.0f s (%d of %d done); Ray may be waiting for a node "
+                "with the resources to restart lost predictor actors (`ray status` shows pending "
+                "demands). Finished units are kept: stopping and rerunning the job resumes.",
+                now - progress[0],
+                len(done),
+                len(todo),
+            )
+
     try:
         for a in range(len(actors)):
             for _ in range(prefetch + 1):
@@ -269,7 +289,9 @@ def _run_units(
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=STALL_CHECK_SECONDS)
             if not ready:
                 copy_stalled()
+                warn_stalled()
                 continue
+            progress[0] = time.perf_counter()
             ref = ready[0]
             a, item, since = pending.pop(ref)
             try:
