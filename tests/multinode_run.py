@@ -7,13 +7,19 @@ an embedded Ray, and one process can join only one cluster)::
 
 The cluster is a ``ray.cluster_utils.Cluster``: a head with no CPUs (so no actor can land on
 it: the driver's node cannot be removed) and ``--nodes`` worker nodes with one CPU each, all in a
-private temp dir with ports picked by the OS. ``run_job(job, workers=2)`` runs in a thread;
-once the output holds ``--after`` done markers, the script either removes a worker node that
-hosts a ``Predictor`` actor and adds a fresh one (``node``), or SIGKILLs one ``Predictor``
-worker process of this cluster (``actor``). It then waits for the job and writes what happened
-(markers at the kill, the victim, the actors' restarts and nodes, the report or the error) to
-``--result``. Exit status 0 when the job completed, 1 otherwise (the cluster's logs are kept
-and their folder is printed).
+private temp dir with ports picked by the OS. ``run_job(job, workers=--workers)`` runs in a
+thread; once the output holds ``--after`` done markers and a Predictor process has finished a
+unit itself (a worker setup hook logs each process's units), the script either removes the
+worker node of such a process and adds a fresh one (``node``; ``--no-replace`` adds none), or
+SIGKILLs that process (``actor``). It then waits for the job and writes what happened (markers
+at the kill, the victim, the actors' restarts and nodes, the units each process ran, the report
+or the error) to ``--result``. Exit status 0 when the job completed, 1 otherwise (the cluster's
+logs are kept and their folder is printed).
+
+Experiment (a single actor whose node goes, nothing to restart it on; the run stalls)::
+
+    python tests/multinode_run.py --scenario node --nodes 1 --workers 1 --no-replace \
+        --timeout 40 --job job.json --result result.json
 """
 
 from __future__ import annotations
@@ -123,14 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", type=Path, required=True, help="job as JSON (parse_job input)")
     parser.add_argument("--result", type=Path, required=True)
     parser.add_argument("--after", type=int, default=2, help="done markers before the kill")
-    parser.add_argument(
-        "--nodes", type=int, default=3, help="worker nodes of one CPU each (at least 2)"
-    )
+    parser.add_argument("--nodes", type=int, default=3, help="worker nodes of one CPU each")
     parser.add_argument(
         "--no-replace",
         action="store_true",
         help="node scenario: do not add a fresh node after the removal (capacity shrinks)",
     )
+    parser.add_argument("--workers", type=int, default=2, help="predictor actors")
     parser.add_argument("--timeout", type=float, default=150.0, help="seconds for the job")
     args = parser.parse_args(argv)
 
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ok = False
     try:
-        for _ in range(max(2, args.nodes)):
+        for _ in range(max(1, args.nodes)):
             cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         unit_log = Path(temp_dir) / "units"
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def work() -> None:
             try:
-                outcome["report"] = run_job(job, workers=2, progress=False).to_dict()
+                outcome["report"] = run_job(job, workers=args.workers, progress=False).to_dict()
             except BaseException as exc:  # reported to the parent, not swallowed
                 outcome["error"] = "".join(traceback.format_exception(exc))
 
