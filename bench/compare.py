@@ -961,8 +961,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
             else:
                 attempt(name, lambda n=name: run_in_worker(n, cfg, work, env, args.interval))
-    runs = {name: combine(tries) for name, tries in attempts.items()}
-    for name, res in runs.items():
+    runs: dict[str, dict[str, Any]] = {}
+
+    def record(name: str, res: dict[str, Any]) -> None:
+        """Add a method's combined runs with its throughput and accuracy."""
         # model-only's wall is a process start and random data, not a throughput
         wall_rate = res["ok"] and name != "model-only"
         res["output_mpx_per_s_wall"] = round(mpx / res["wall_s"], 3) if wall_rate else None
@@ -972,7 +974,10 @@ def main(argv: list[str] | None = None) -> int:
             res["accuracy"] = evaluate(
                 load_method_regions(name, res, regions, work, cfg), ref, regions, size, lead
             )
-        result["methods"][name] = res
+        runs[name] = result["methods"][name] = res
+
+    for name, tries in attempts.items():
+        record(name, combine(tries))
     ceiling = None
     if "model-only" in runs and runs["model-only"]["ok"] and runs["tilewise"]["ok"]:
         ceiling = runs["model-only"]["output_mpx_per_s_own"]
@@ -1000,8 +1005,7 @@ def main(argv: list[str] | None = None) -> int:
         job2 = write_job(work / f"tilewise-{big}", mosaic2, big, weights, args)
         res2 = combine([run_tilewise(job2, env, args.interval) for _ in range(args.repeat)])
         if "tilewise" not in runs:
-            runs["tilewise"] = combine([run_tilewise(job, env, args.interval)])
-            result["methods"]["tilewise"] = runs["tilewise"]
+            record("tilewise", combine([run_tilewise(job, env, args.interval)]))
         small = runs["tilewise"]
         scal: dict[str, Any] = {"size": big, "run": res2}
         if res2["ok"] and small["ok"]:
@@ -1106,6 +1110,30 @@ def main(argv: list[str] | None = None) -> int:
                 f"{size} and {s['size']})"
                 + (f": marginal pipeline efficiency {eff:.2f}" if eff else "")
             )
+    # Other work on the machine only slows runs down: repeats that disagree mean the times
+    # (and the ratios built from them) were disturbed.
+    timed = dict(runs)
+    if "scaling" in result:
+        timed[f"tilewise at {2 * size}"] = result["scaling"]["run"]
+    spreads = {}
+    for name, res in timed.items():
+        own = [r["own_s"] for r in res.get("runs", []) if r.get("own_s")]
+        if res["ok"] and len(own) > 1:
+            spreads[name] = round(max(own) / min(own), 2)
+    result["repeat_spread"] = spreads
+    unstable = {k: v for k, v in spreads.items() if v > 1.2}
+    if unstable:
+        print(
+            "warning: repeats differ by more than 20 % (slowest / fastest own seconds: "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in unstable.items())
+            + "): other work shared the CPUs; take the times as upper bounds"
+        )
+    elif args.repeat == 1 and result["load_average_at_start"][0] > (os.cpu_count() or 1):
+        print(
+            f"warning: the load average was {result['load_average_at_start'][0]:.1f} on "
+            f"{os.cpu_count()} CPUs at the start: other work may have slowed the runs "
+            f"(--repeat 2 keeps the fastest of two)"
+        )
     result["load_average_at_end"] = os.getloadavg()
     out = workdir / "compare.json"
     out.write_text(json.dumps(result, indent=2))
