@@ -223,6 +223,7 @@ def write_job(
 
 def verify(job_path: Path, out: Path, size: int) -> dict[str, Any]:
     """Check the output's shape and status; compare one interior block with predict_array."""
+    import torch
     import zarr
 
     from tilewise import predict_array
@@ -252,7 +253,8 @@ def verify(job_path: Path, out: Path, size: int) -> dict[str, Any]:
         x0 = y0
         cy0, cy1 = y0 - TILE, y0 + 2 * TILE
         cx0, cx1 = x0 - TILE, x0 + 2 * TILE
-        crop = prepared.normalizer(prepared.image.read(cy0, cy1, cx0, cx1))
+        raw = np.asarray(prepared.image.read(cy0, cy1, cx0, cx1))
+        crop = prepared.normalizer(torch.from_numpy(raw)).numpy()
         t0 = time.perf_counter()
         scores = predict_array(
             model, crop, tile=TILE, batch_size=job.tiling.batch_size, device="cpu"
