@@ -56,7 +56,6 @@ from _memory import Sampler, breakdown, leftover_ray
 from large_mosaic import build_mosaic
 
 GB = 10**9
-MB = 10**6
 METHODS = ("tilewise", "loop", "monai", "dask")
 ARCH = "unet_same"
 CHANNELS = 3  # the mosaic is RGB
@@ -70,7 +69,7 @@ REF_BYTES_PER_PX = 300
 BASELINE_BYTES = 0.35 * GB
 # Measured on top of MONAI's three float32 tensors, per pixel (see monai_memory).
 MONAI_EXTRA_BYTES_PER_PX = 12
-# A probability "off" by more than float16 storage explains (it rounds by at most 2.4e-4 < 1).
+# A probability "off" by more than float16 storage explains (it rounds by at most 2.4e-4).
 OFF = 1e-3
 
 
