@@ -418,15 +418,14 @@ def run_job(
 def _background_units(prepared: PreparedJob) -> set[int]:
     """Units the job's tissue/array mask leaves without foreground (written, not computed)."""
     mask = prepared.job.input.mask
-    if mask is None or mask.method == "nodata":
+    if mask is None:
         return set()
-    from tilewise.pipeline.masks import plan_foreground
+    from tilewise.pipeline.masks import background_units
 
-    fg = plan_foreground(prepared.image, mask, storage_options=prepared.job.input.storage_options)
-    if fg is None:
-        return set()
-    keep = fg.units_with_foreground(prepared.grid, mask.min_fraction)
-    return set(range(len(prepared.grid))) - keep
+    units, _ = background_units(
+        prepared.image, prepared.grid, mask, storage_options=prepared.job.input.storage_options
+    )
+    return units
 
 
 def _report(job: PredictJob, p: PreparedJob, out: OutputStore, skipped: int) -> RunReport:

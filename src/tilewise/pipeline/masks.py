@@ -40,6 +40,7 @@ from tilewise.spec import MaskSpec
 
 __all__ = [
     "Foreground",
+    "background_units",
     "choose_level",
     "nodata_pixels",
     "plan_foreground",
@@ -481,6 +482,24 @@ def plan_foreground(
     if spec.method == "array":
         return _array(image, spec, storage_options, long_side)
     return _tissue(image, spec, storage_options, long_side)
+
+
+def background_units(
+    image: InputImage,
+    grid: UnitGrid,
+    spec: MaskSpec,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> tuple[set[int], Foreground | None]:
+    """Units of ``grid`` that the mask leaves without foreground, and the mask itself.
+
+    ``nodata`` masks give no units here (the actors decide per unit) and no mask.
+    """
+    fg = plan_foreground(image, spec, storage_options=storage_options)
+    if fg is None:
+        return set(), None
+    keep = fg.units_with_foreground(grid, spec.min_fraction)
+    return set(range(len(grid))) - keep, fg
 
 
 # -- nodata (actor side) ----------------------------------------------------------------------

@@ -84,6 +84,7 @@ class OutputStore:
         self.storage_options = storage_options or {}
         self.fs, self.path = fsspec.core.url_to_fs(self.location, **self.storage_options)
         self._group: Any = None
+        self._arrays: dict[str, Any] | None = None  # labels/probabilities, opened once
 
     def _open(self, mode: Literal["r", "r+", "w"]) -> Any:
         return zarr.open_group(
@@ -119,7 +120,7 @@ class OutputStore:
         state = self.state()
         if state is not None and not overwrite:
             if state.get("fingerprint") == fingerprint:
-                self._group = self._open("r+")
+                self._group, self._arrays = self._open("r+"), None
                 return True
             owner = "a different job" if state else "something other than tilewise"
             raise OutputExistsError(
@@ -179,7 +180,7 @@ class OutputStore:
             "class_names": layout.class_names,
             **carried,
         }
-        self._group = root
+        self._group, self._arrays = root, None
 
     def finish(self, report: dict[str, Any]) -> None:
         """Mark the output complete (only after every unit is done) and store the report."""
@@ -195,33 +196,38 @@ class OutputStore:
             self._group = self._open("r+")
         return self._group
 
+    def _array(self, name: str) -> Any:
+        """The output's ``labels/0`` or ``probabilities/0`` (None when not written), opened once
+        per store object: reopening reads the array's metadata, once per unit on a hot path."""
+        if self._arrays is None:
+            group = self.group()
+            self._arrays = {n: group[f"{n}/0"] for n in ("labels", "probabilities") if n in group}
+        return self._arrays.get(name)
+
     def write_unit(self, unit: Unit, scores: np.ndarray) -> None:
         """Write one unit's labels and/or probabilities from its scores, then its marker."""
-        group = self.group()
-        labels = probs = None
-        if "labels" in group:
-            labels = labels_from_scores(scores, str(group["labels/0"].dtype))
-        if "probabilities" in group:
-            probs = probabilities_from_scores(scores, str(group["probabilities/0"].dtype))
+        label_dtype, prob_dtype = self.dtypes()
+        labels = labels_from_scores(scores, label_dtype) if label_dtype else None
+        probs = probabilities_from_scores(scores, prob_dtype) if prob_dtype else None
         self.write_arrays(unit, labels, probs)
 
     def dtypes(self) -> tuple[str | None, str | None]:
         """The stored dtypes of labels and probabilities (None for an array not written)."""
-        group = self.group()
-        labels = str(group["labels/0"].dtype) if "labels" in group else None
-        probs = str(group["probabilities/0"].dtype) if "probabilities" in group else None
-        return labels, probs
+        labels, probs = self._array("labels"), self._array("probabilities")
+        return (
+            None if labels is None else str(labels.dtype),
+            None if probs is None else str(probs.dtype),
+        )
 
     def write_arrays(
         self, unit: Unit, labels: np.ndarray | None, probabilities: np.ndarray | None
     ) -> None:
         """Write one unit's ready arrays (whole chunks/shards, once each), then its marker."""
-        group = self.group()
         ys, xs = slice(unit.y0, unit.y1), slice(unit.x0, unit.x1)
         if labels is not None:
-            group["labels/0"][ys, xs] = labels
+            self._array("labels")[ys, xs] = labels
         if probabilities is not None:
-            group["probabilities/0"][:, ys, xs] = probabilities
+            self._array("probabilities")[:, ys, xs] = probabilities
         self._mark(unit.index)
 
     def _done_dir(self) -> str:

@@ -680,14 +680,6 @@ def _axis_counts(
     return windows, pixels, reads, extents
 
 
-def _precision(compute_precision: str, device: str, bf16: bool) -> str:
-    if compute_precision != "auto":
-        return compute_precision
-    if device != "cuda":
-        return "float32"
-    return "bfloat16" if bf16 else "float16"
-
-
 def _meta_model(job: PredictJob, in_channels: int) -> nn.Module:
     from tilewise import models
     from tilewise.models.ensemble import FlipAverage
@@ -726,13 +718,13 @@ def _background(prepared: Any) -> tuple[set[int], str]:
         return set(), ""
     if mask.method == "nodata":
         return set(), "nodata: decided per unit by the actors (not counted here)"
-    from tilewise.pipeline.masks import plan_foreground
+    from tilewise.pipeline.masks import background_units
 
-    fg = plan_foreground(prepared.image, mask, storage_options=prepared.job.input.storage_options)
+    background, fg = background_units(
+        prepared.image, prepared.grid, mask, storage_options=prepared.job.input.storage_options
+    )
     if fg is None:
         return set(), f"{mask.method}: no mask, every unit is computed"
-    keep = fg.units_with_foreground(prepared.grid, mask.min_fraction)
-    background = set(range(len(prepared.grid))) - keep
     return background, f"{mask.method} ({fg.source}): foreground {fg.fraction:.1%} of the mask"
 
 
@@ -928,6 +920,7 @@ def plan_job(job: PredictJob, *, address: str | None = None, workers: int | None
     """
     from tilewise.pipeline.driver import actor_layout
     from tilewise.pipeline.job import expand_images
+    from tilewise.workers.predictor import precision_name
 
     singles = expand_images(job)
     where = address or job.compute.address or os.environ.get("RAY_ADDRESS")
@@ -935,7 +928,7 @@ def plan_job(job: PredictJob, *, address: str | None = None, workers: int | None
     layout = actor_layout(job.compute, cpus=resources.cpus, gpus=resources.gpus, workers=workers)
     setting = _Setting(
         layout.device,
-        _precision(job.compute.precision, layout.device, resources.bf16),
+        precision_name(job.compute.precision, layout.device, resources.bf16),
         job.compute.prefetch,
     )
     models_cache: dict[int, nn.Module] = {}

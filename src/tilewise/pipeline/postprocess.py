@@ -11,6 +11,7 @@ import torch
 
 __all__ = [
     "background_arrays",
+    "background_probabilities",
     "labels_from_scores",
     "labels_tensor",
     "probabilities_from_scores",
@@ -52,6 +53,20 @@ def probabilities_from_scores(scores: np.ndarray | torch.Tensor, dtype: str) -> 
     return probabilities_tensor(scores, dtype).cpu().numpy()
 
 
+def background_probabilities(num_classes: int, background: int, dtype: str) -> np.ndarray:
+    """(K,) stored probabilities of a background pixel: 1 for ``background``, 0 elsewhere.
+
+    With one score map (a sigmoid) the stored value is class 1's probability.
+    """
+    one = 255 if dtype == "uint8" else 1
+    p = np.zeros(num_classes, dtype=dtype)
+    if num_classes == 1:
+        p[0] = 0 if background == 0 else one
+    else:
+        p[background] = one
+    return p
+
+
 def background_arrays(
     num_classes: int,
     height: int,
@@ -64,9 +79,6 @@ def background_arrays(
     lab = np.full((height, width), background, dtype=labels) if labels else None
     prob = None
     if probs:
-        prob = np.zeros((num_classes, height, width), dtype=probs)
-        if num_classes == 1:
-            prob[0] = 0 if background == 0 else (255 if probs == "uint8" else 1)
-        else:
-            prob[background] = 255 if probs == "uint8" else 1
+        column = background_probabilities(num_classes, background, probs)[:, None, None]
+        prob = np.ascontiguousarray(np.broadcast_to(column, (num_classes, height, width)))
     return lab, prob

@@ -26,22 +26,35 @@ from torch import nn
 from tilewise.pipeline.engine import TileEngine
 from tilewise.pipeline.job import PreparedJob, build_model, prepare
 from tilewise.pipeline.output import OutputStore
-from tilewise.pipeline.postprocess import background_arrays, labels_tensor, probabilities_tensor
+from tilewise.pipeline.postprocess import (
+    background_arrays,
+    background_probabilities,
+    labels_tensor,
+    probabilities_tensor,
+)
 from tilewise.spec import PredictJob
 
-__all__ = ["Predictor", "UnitResult", "resolve_precision"]
+__all__ = ["Predictor", "UnitResult", "precision_name", "resolve_precision"]
 
 # Images whose stores and plans an actor keeps open at once (jobs over thousands of slides).
 OPEN_IMAGES = 4
 
 
+def precision_name(precision: str, device_type: str, bf16_supported: bool) -> str:
+    """``compute.precision`` with 'auto' resolved: bfloat16 on CUDA (float16 where the GPU has
+    no bfloat16), float32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device_type != "cuda":
+        return "float32"
+    return "bfloat16" if bf16_supported else "float16"
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of ``compute.precision`` on ``device`` (None = no autocast)."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    name = precision_name(precision, device.type, bf16)
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 @dataclass(frozen=True)
@@ -174,12 +187,9 @@ class Predictor:
         if labels is not None:
             labels[where] = background
         if probs is not None:
-            one = 255 if probs.dtype == torch.uint8 else 1
-            probs[:, where] = 0
-            if probs.shape[0] > 1:
-                probs[background, where] = one
-            elif background == 1:
-                probs[0, where] = one
+            dtype = "uint8" if probs.dtype == torch.uint8 else "float16"
+            column = background_probabilities(probs.shape[0], background, dtype)
+            probs[:, where] = torch.from_numpy(column).to(probs.device)[:, None]
 
     def _write_background(self, state: _Image, unit: Any) -> None:
         mask = state.prepared.job.input.mask
