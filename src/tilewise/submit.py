@@ -29,6 +29,7 @@ import socket
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -539,7 +540,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 return 0
             return _outcome(client, submission_id)
     except KeyboardInterrupt:
-        # Ctrl-C ends this command only: the job belongs to the cluster now.
+        # Ctrl-C ends this command only: the job belongs to the cluster now. The SDK's event
+        # loop, cut off mid-call, is collected at exit with a ResourceWarning whose traceback
+        # would bury this message.
+        warnings.filterwarnings("ignore", category=ResourceWarning)
         print(
             f"\nstopped {'following' if args.follow else 'waiting for'} job {submission_id}; it "
             f"keeps running on the cluster. Stop it with: ray job stop {submission_id}{tail}",

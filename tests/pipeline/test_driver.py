@@ -333,3 +333,17 @@ def test_a_nodata_mask_skips_empty_units_and_blanks_nodata_pixels(tmp_path: Path
     valid = np.zeros(labels.shape, bool)
     valid[:, 100:] = True
     assert np.array_equal(labels[valid & decided], expected.argmax(0)[valid & decided])
+
+
+def test_a_chunk_write_cut_short_leaves_no_temporary_file_behind(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr")
+    job = _job(tmp_path)
+    run_job(job, progress=False)
+    out = tmp_path / "out.zarr"
+    # What a worker killed between writing a chunk's temporary file and renaming it leaves.
+    leftover = out / "labels/0/c/0/1.3f2a.partial"
+    leftover.write_bytes(b"half a chunk")
+    (out / ".tilewise/done/1").unlink()
+    report = run_job(job, progress=False)
+    assert report.units_computed == 1
+    assert not leftover.exists() and not list(out.rglob("*.partial"))

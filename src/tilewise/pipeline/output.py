@@ -184,10 +184,25 @@ class OutputStore:
 
     def finish(self, report: dict[str, Any]) -> None:
         """Mark the output complete (only after every unit is done) and store the report."""
+        self._remove_partial_writes()
         group = self.group()
         state = dict(group.attrs["tilewise"])
         state.update(status=STATUS_COMPLETE, report=report)
         group.attrs["tilewise"] = state
+
+    def _remove_partial_writes(self) -> None:
+        """Delete the temporary files of chunk writes that a lost worker left half done.
+
+        A local store writes each chunk to ``<chunk>.<id>.partial`` and renames it; a worker
+        killed in between (its node lost) leaves that file behind, while its unit was redone
+        elsewhere. Object stores write chunks atomically and leave none.
+        """
+        if is_url(self.location):
+            return
+        from pathlib import Path
+
+        for leftover in Path(self.path).glob("*/0/c/**/*.partial"):
+            leftover.unlink(missing_ok=True)
 
     # -- units (workers) ---------------------------------------------------------------------
     def group(self) -> Any:
