@@ -54,14 +54,17 @@ import psutil
 
 from _memory import Sampler, breakdown, leftover_ray
 from large_mosaic import build_mosaic
+from tilewise.pipeline.driver import ALLOCATOR_ENV as DRIVER_ALLOCATOR_ENV
 
 GB = 10**9
 METHODS = ("tilewise", "loop", "monai", "dask")
 ARCH = "unet_same"
 CHANNELS = 3  # the mosaic is RGB
-# glibc thresholds raised for every method (as tilewise's driver does for its actors): without
-# them large activations are unmapped on every free and faulted back on every forward.
-ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
+# The allocator settings tilewise's driver gives its actors, for every method: glibc's
+# thresholds raised (without them large activations are unmapped on every free and faulted back
+# on every forward) and one arena (threads' own arenas mmap every block over 64 MB anyway, which
+# would slow dask's threaded scheduler as much as tilewise's threaded actor).
+ALLOCATOR_ENV = dict(DRIVER_ALLOCATOR_ENV)
 # Peak bytes per padded pixel of one whole-image forward of the default network (depth 3, base
 # width 8; measured 292 B/px at 2160² px without the allocator variables), scaled by base width.
 REF_BYTES_PER_PX = 300

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tilewise.pipeline.postprocess import (
+    argmax_classes,
     background_arrays,
     labels_from_scores,
     labels_tensor,
@@ -22,6 +23,17 @@ def test_labels_are_the_first_maximum_like_numpy() -> None:
     one = rng.normal(size=(1, 8, 8)).astype(np.float32)
     assert np.array_equal(labels_from_scores(one, "uint8"), (one[0] > 0).astype(np.uint8))
     assert labels_tensor(torch.from_numpy(scores), "uint8").dtype == torch.uint8
+
+
+@pytest.mark.parametrize("classes", [2, 3, 7])
+def test_argmax_classes_equals_torch_argmax_with_ties_and_nans(classes: int) -> None:
+    rng = np.random.default_rng(classes)
+    for trial in range(20):
+        scores = rng.integers(-2, 3, (classes, 17, 23)).astype(np.float32)  # many ties
+        if trial % 2:
+            scores[rng.random(scores.shape) < 0.1] = np.nan  # NaN wins, the first one
+        t = torch.from_numpy(scores)
+        assert torch.equal(argmax_classes(t), torch.argmax(t, dim=0))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "uint8"])

@@ -26,12 +26,15 @@ __all__ = ["ActorLayout", "RunReport", "actor_layout", "run_job"]
 
 # glibc returns large freed blocks to the OS on every free; with activations of tens of MB a
 # forward pass then spends more time page-faulting than convolving (reference/performance.md).
-# Each thread of the threaded predictor would also get its own malloc arena, and arenas that
-# keep freed blocks fragment: two arenas kept a 28,000^2 run's predictor flat (bench/README.md).
+# Raising the thresholds fixes that for the main arena only: the predictor computes in Ray's
+# actor threads, whose arenas grow in heaps of at most 64 MB, so any larger block (a U-Net's
+# skip concatenation) is still mmap-ed and unmapped per forward, which made the threaded actor
+# 2x slower than the same forwards on the main thread (bench/README.md). One arena sends every
+# thread to the main heap; the few threads of an actor barely contend for it.
 ALLOCATOR_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "1073741824",
     "MALLOC_TRIM_THRESHOLD_": "1073741824",
-    "MALLOC_ARENA_MAX": "2",
+    "MALLOC_ARENA_MAX": "1",
 }
 # A call waiting this much longer than a typical unit (and at least STALL_MIN_SECONDS) while
 # other actors idle is copied to one of them (see _run_units).

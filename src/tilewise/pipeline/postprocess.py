@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "argmax_classes",
     "background_arrays",
     "background_probabilities",
     "labels_from_scores",
@@ -30,8 +31,29 @@ def labels_tensor(scores: np.ndarray | torch.Tensor, dtype: str) -> torch.Tensor
     are cast when copied out.
     """
     s = _tensor(scores)
-    labels = (s[0] > 0) if s.shape[0] == 1 else torch.argmax(s, dim=0)
+    labels = (s[0] > 0) if s.shape[0] == 1 else argmax_classes(s)
     return labels.to(torch.uint8 if dtype == "uint8" else torch.int32)
+
+
+def argmax_classes(scores: torch.Tensor) -> torch.Tensor:
+    """``torch.argmax(scores, dim=0)`` of (K, h, w) scores (int64), as K - 1 element-wise passes.
+
+    On CPU, torch reduces over the leading dimension of a contiguous tensor with a strided
+    kernel: 175 ms for a 2 x 1024^2 unit, two thirds of the time of that unit's forward passes.
+    Comparing the class maps one by one takes about 6 ms. Same result: the first maximum wins
+    ties, and a NaN score wins like in ``torch.argmax`` (the first NaN).
+    """
+    best = scores[0]
+    index = torch.zeros(best.shape, dtype=torch.int64, device=scores.device)
+    best_nan = torch.isnan(best)
+    for k in range(1, scores.shape[0]):
+        s = scores[k]
+        s_nan = torch.isnan(s)
+        better = (s > best) | (s_nan & ~best_nan)
+        index.masked_fill_(better, k)
+        best = torch.where(better, s, best)
+        best_nan = best_nan | s_nan
+    return index
 
 
 def probabilities_tensor(scores: np.ndarray | torch.Tensor, dtype: str) -> torch.Tensor:
