@@ -786,7 +786,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run every method this many times, round-robin; times are the fastest run's, "
         "peaks the highest (other work on shared cores only slows runs down)",
     )
-    p.add_argument("--interval", type=float, default=0.2, help="memory sampling period (s)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=0.2,
+        help="memory sampling period (s); longer where sampling would take over 2 %% of a core",
+    )
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -994,6 +999,17 @@ def main(argv: list[str] | None = None) -> int:
                 runs["model-only"]["worker"]["compute_cpu_seconds"] / tw["cpu_s"], 3
             ),
         }
+        report = tw.get("report", {})
+        n, first = report.get("units_computed", 0), report.get("first_unit_seconds", 0.0)
+        if n > 1 and first and report.get("seconds", 0) > first:
+            # The units after the first one (all units are equal here: SIZE is a multiple of
+            # the chunk), against the time after it: Ray and actor start-up left out.
+            steady = report["output_pixels"] * (n - 1) / n / 1e6 / (report["seconds"] - first)
+            result["pipeline_efficiency"].update(
+                steady_state=round(steady / ceiling, 3),
+                first_unit_seconds=round(first, 2),
+                start_up_seconds=round(first - report["output_pixels"] / n / 1e6 / steady, 2),
+            )
     if "monai" in runs and runs["monai"]["ok"]:
         mon["measured_peak_pss_bytes"] = runs["monai"]["peak_pss_sum_bytes"]
         mon["measured_peak_rss_bytes"] = runs["monai"]["peak_rss_sum_bytes"]
@@ -1088,6 +1104,12 @@ def main(argv: list[str] | None = None) -> int:
             f"whole command's wall time, {e['by_cpu_seconds']:.2f} by CPU seconds (forwards "
             f"alone / tilewise's whole process tree)"
         )
+        if "steady_state" in e:
+            print(
+                f"tilewise's first unit was written {e['first_unit_seconds']:.1f} s after the "
+                f"start (about {e['start_up_seconds']:.1f} s of planning and starting Ray and "
+                f"the actors); after it, pipeline efficiency {e['steady_state']:.2f}"
+            )
     if mon:
         measured = mon.get("measured_peak_pss_bytes")
         print(

@@ -296,7 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         default="zstd",
         help="codec of the input mosaic",
     )
-    p.add_argument("--interval", type=float, default=0.2, help="memory sampling period (s)")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=0.2,
+        help="memory sampling period (s); longer where sampling would take over 2 %% of a core",
+    )
     p.add_argument(
         "--weights",
         choices=["trained", "seeded"],
