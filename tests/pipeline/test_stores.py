@@ -71,3 +71,30 @@ def test_carried_attributes_keep_geospatial_keys_only(tmp_path: Path) -> None:
         "proj:code": "EPSG:32633",
         "spatial:transform": [1, 0, 0, 0, -1, 0],
     }
+
+
+@pytest.mark.parametrize(
+    ("axes", "shape", "chunks"),
+    [
+        ("cyx", (3, 53, 71), (2, 16, 20)),
+        ("yxc", (53, 71, 2), (16, 20, 2)),
+        ("yx", (53, 71), (9, 13)),
+    ],
+)
+def test_kept_blocks_read_the_same_pixels_as_plain_reads(
+    tmp_path: Path, axes: str, shape: tuple[int, ...], chunks: tuple[int, ...]
+) -> None:
+    rng = np.random.default_rng(0)
+    data = rng.integers(0, 60000, shape).astype(np.uint16)
+    zarr.create_array(tmp_path / "in.zarr", data=data, chunks=chunks)
+    plain = InputImage(str(tmp_path / "in.zarr"), axes=axes)  # type: ignore[arg-type]
+    kept = InputImage(str(tmp_path / "in.zarr"), axes=axes)  # type: ignore[arg-type]
+    kept.keep_blocks(3)  # fewer than most reads touch: blocks are evicted mid-read
+    _, height, width = plain.shape
+    for _ in range(60):
+        y0, y1 = (int(v) for v in sorted(rng.integers(0, height, 2)))
+        x0, x1 = (int(v) for v in sorted(rng.integers(0, width, 2)))
+        got = kept.read(y0, y1 + 1, x0, x1 + 1)
+        assert got.dtype == data.dtype
+        assert np.array_equal(got, plain.read(y0, y1 + 1, x0, x1 + 1))
+    assert len(kept._blocks) <= 3

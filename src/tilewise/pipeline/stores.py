@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Any, Literal
 
 import numpy as np
@@ -169,8 +171,59 @@ class InputImage:
         """(C, H, W)."""
         return self._shape  # type: ignore[return-value]
 
+    def keep_blocks(self, blocks: int) -> None:
+        """Keep the last ``blocks`` decoded chunk blocks (all bands of one chunk's rows and
+        columns) for the next reads; 0 turns it off.
+
+        A unit plus its halo touches 3 x 3 chunks of an input chunked like the output, so a
+        plain read decodes nine chunks for one chunk's worth of pixels (18.6 ms against 2.4 ms
+        for an interior 1024 px unit of a zstd RGB mosaic). The next unit along the row shares
+        six of them: with the last 12 blocks kept, an actor walking a row decodes three.
+        """
+        self._keep = blocks
+        self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._blocks_lock = threading.Lock()
+
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels ``[:, y0:y1, x0:x1]`` as a (C, h, w) array."""
+        if getattr(self, "_keep", 0):
+            return self._read_blocks(y0, y1, x0, x1)
+        return self._read(y0, y1, x0, x1)
+
+    def _block_shape(self) -> tuple[int, int]:
+        chunks = tuple(int(c) for c in self.array.chunks)
+        return (chunks[1], chunks[2]) if self.axes == "cyx" else (chunks[0], chunks[1])
+
+    def _block(self, by: int, bx: int) -> np.ndarray:
+        with self._blocks_lock:
+            block = self._blocks.get((by, bx))
+            if block is not None:
+                self._blocks.move_to_end((by, bx))
+                return block
+        ch, cw = self._block_shape()
+        _, height, width = self.shape
+        # Decoded outside the lock: two threads may decode one block twice, harmlessly.
+        block = self._read(by * ch, min(height, (by + 1) * ch), bx * cw, min(width, (bx + 1) * cw))
+        with self._blocks_lock:
+            self._blocks[(by, bx)] = block
+            while len(self._blocks) > self._keep:
+                self._blocks.popitem(last=False)
+        return block
+
+    def _read_blocks(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        ch, cw = self._block_shape()
+        out = np.empty((self.shape[0], y1 - y0, x1 - x0), dtype=self.dtype)
+        for by in range(y0 // ch, (y1 - 1) // ch + 1):
+            for bx in range(x0 // cw, (x1 - 1) // cw + 1):
+                block = self._block(by, bx)
+                ya, yb = max(y0, by * ch), min(y1, (by + 1) * ch)
+                xa, xb = max(x0, bx * cw), min(x1, (bx + 1) * cw)
+                out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = block[
+                    :, ya - by * ch : yb - by * ch, xa - bx * cw : xb - bx * cw
+                ]
+        return out
+
+    def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         if self.axes == "cyx":
             return np.asarray(self.array[:, y0:y1, x0:x1])
         if self.axes == "yxc":

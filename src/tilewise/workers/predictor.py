@@ -38,6 +38,9 @@ __all__ = ["Predictor", "UnitResult", "precision_name", "resolve_precision"]
 
 # Images whose stores and plans an actor keeps open at once (jobs over thousands of slides).
 OPEN_IMAGES = 4
+# Decoded input chunk blocks an actor keeps per image: a unit touches up to 3 x 3, and the next
+# one along the row reuses six of them (36 MB for 1024 px RGB uint8 chunks).
+KEPT_BLOCKS = 12
 
 
 def precision_name(precision: str, device_type: str, bf16_supported: bool) -> str:
@@ -118,6 +121,8 @@ class Predictor:
                 return state
             spec = self.specs[image]
             prepared = prepare(spec)
+            # Neighbouring units share input chunks through their halos (InputImage.keep_blocks).
+            prepared.image.keep_blocks(KEPT_BLOCKS)
             engine = TileEngine(
                 self._model(prepared.in_channels),
                 prepared.plan,
