@@ -265,6 +265,14 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    package: str | None = Field(
+        default=None,
+        description=(
+            "Path or URI of a model package (the folder a training job writes: model.yaml + "
+            "weights.safetensors). It gives arch, args, num_classes, class_names, in_channels, "
+            "weights and input.normalize; any of them the job also gives must agree with it."
+        ),
+    )
     arch: str = Field(
         description="Registered architecture name (list them with `tilewise models`)."
     )
@@ -527,6 +535,79 @@ class PredictJob(BaseModel):
     compute: ComputeSpec = Field(
         default=ComputeSpec(), description="The Ray cluster and the predictor actors."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_package(cls, data: Any, info: ValidationInfo) -> Any:
+        """Fill the network's settings from ``model.package``; refuse any that disagree."""
+        if not isinstance(data, Mapping):
+            return data
+        model = data.get("model")
+        if not isinstance(model, Mapping) or model.get("package") is None:
+            return data
+        from tilewise.packages import load_manifest
+
+        location = resolve_location(str(model["package"]), _base_dir(info))
+        try:
+            manifest = load_manifest(location)
+        except ConfigError as exc:
+            raise _RuleError([(("model", "package"), str(exc))]) from None
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        merged = {**model, "package": location}
+        given_args = model.get("args")
+        for key, value in (
+            ("arch", manifest.arch),
+            ("num_classes", manifest.num_classes),
+            ("in_channels", manifest.in_channels),
+            ("args", manifest.args),
+            ("class_names", manifest.class_names),
+        ):
+            given = given_args if key == "args" else model.get(key)
+            if given is not None and given != value:
+                problems.append(
+                    (
+                        ("model", key),
+                        f"the package '{location}' holds a network with {key} {_show(value)}; "
+                        f"got {_show(given)}. Remove model.{key} (the package gives it) or name "
+                        f"a package made with it.",
+                    )
+                )
+            merged[key] = value
+        if model.get("weights") is not None:
+            problems.append(
+                (
+                    ("model", "weights"),
+                    f"the package '{location}' brings its own weights; got weights "
+                    f"{_show(model['weights'])} too. Give model.package or model.weights, not "
+                    f"both.",
+                )
+            )
+        merged["weights"] = manifest.weights_location(location)
+        result = {**data, "model": merged}
+        inp = data.get("input")
+        if isinstance(inp, Mapping) and manifest.normalize:
+            given_norm = inp.get("normalize")
+            if given_norm is None:
+                result["input"] = {**inp, "normalize": manifest.normalize}
+            else:
+                try:
+                    same = NormalizeSpec.model_validate(given_norm) == NormalizeSpec.model_validate(
+                        manifest.normalize
+                    )
+                except ValidationError:
+                    same = True  # the field's own validation reports it
+                if not same:
+                    problems.append(
+                        (
+                            ("input", "normalize"),
+                            f"the network in '{location}' was trained with normalize "
+                            f"{_show(manifest.normalize)}; got {_show(given_norm)}. Remove "
+                            f"input.normalize to use the package's.",
+                        )
+                    )
+        if problems:
+            raise _RuleError(problems)
+        return result
 
     @model_validator(mode="after")
     def check_rules(self) -> Self:
