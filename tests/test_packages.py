@@ -106,6 +106,9 @@ def test_a_job_may_repeat_what_the_package_says(tmp_path: Path) -> None:
     where = _package(tmp_path)
     model = {"package": str(where), "arch": "unet_same", "num_classes": 3, "args": ARGS}
     assert _errors(tmp_path, _job(tmp_path, model, normalize=NORMALIZE)) == []
+    # what every actor does: validate the driver's validated job again
+    job = parse_job(_job(tmp_path, {"package": str(where)}))
+    assert parse_job(job.model_dump(mode="json")) == job
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from tilewise.errors import ConfigError
 from tilewise.spec import (
     JOB_KINDS,
     PredictJob,
+    TrainJob,
     job_errors,
     json_schema,
     load_job,
@@ -214,7 +215,8 @@ def test_parse_job_prefixes_lines_with_the_source(tmp_path: Path) -> None:
 def test_unknown_kind_suggests_the_close_one(tmp_path: Path) -> None:
     path = write(tmp_path, {**MINIMAL, "kind": "predcit"})
     assert job_errors(path) == [
-        f"{path}: kind: unknown job kind 'predcit'. Did you mean 'predict'? Known kinds: 'predict'"
+        f"{path}: kind: unknown job kind 'predcit'. Did you mean 'predict'? Known kinds: "
+        "'predict', 'train'"
     ]
 
 
@@ -225,9 +227,9 @@ def test_missing_kind_is_an_error_at_kind(tmp_path: Path) -> None:
     assert ": kind: required field missing" in line
 
 
-def test_job_kinds_table_maps_predict_to_predict_job() -> None:
-    assert list(JOB_KINDS) == ["predict"]
-    assert JOB_KINDS["predict"] is PredictJob
+def test_job_kinds_table_maps_each_kind_to_its_model() -> None:
+    assert list(JOB_KINDS) == ["predict", "train"]
+    assert JOB_KINDS["predict"] is PredictJob and JOB_KINDS["train"] is TrainJob
 
 
 def test_unknown_arch_suggests_the_close_one(tmp_path: Path) -> None:
@@ -366,7 +368,7 @@ def test_json_schema_has_discriminated_one_of_over_job_kinds() -> None:
     schema = json_schema()
     assert schema["discriminator"]["propertyName"] == "kind"
     assert set(schema["discriminator"]["mapping"]) == set(JOB_KINDS)
-    assert schema["oneOf"] == [{"$ref": "#/$defs/PredictJob"}]
+    assert schema["oneOf"] == [{"$ref": "#/$defs/PredictJob"}, {"$ref": "#/$defs/TrainJob"}]
 
 
 def test_json_schema_accepts_a_sample_job() -> None:

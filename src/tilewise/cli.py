@@ -17,10 +17,19 @@ __all__ = ["main"]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from tilewise.errors import ConfigError
     from tilewise.pipeline.driver import run_job
-    from tilewise.spec import load_job
+    from tilewise.spec import TrainJob, load_job
 
     job = load_job(args.job)
+    if isinstance(job, TrainJob):
+        from tilewise.training.run import run_training
+
+        if args.plan:
+            raise ConfigError(f"--plan is for predict jobs; '{args.job}' is a train job.")
+        summary = run_training(job, address=args.address, progress=not args.no_progress)
+        print(json.dumps(summary.to_dict()) if args.json else "\n".join(summary.lines()))
+        return 0
     if args.plan:
         from tilewise.pipeline.plan import plan_job
 

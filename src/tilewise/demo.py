@@ -179,7 +179,7 @@ def run_demo(
 ) -> dict[str, float]:
     """Build the mosaic, fit the model, segment, preview; print and return the figures."""
     from tilewise.pipeline.driver import run_job
-    from tilewise.spec import load_job, parse_job
+    from tilewise.spec import PredictJob, load_job, parse_job
 
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -197,6 +197,7 @@ def run_demo(
     template["output"]["path"] = str(work / "ihc-mosaic.segmentation.zarr")
     template["output"]["overwrite"] = True
     job = parse_job(template, source=str(JOB_FILE))
+    assert isinstance(job, PredictJob)  # the template is a predict job
     report = run_job(job, progress=progress)
     print("\n".join(report.lines()))
     labels_path = Path(job.output.path) / "labels" / "0"

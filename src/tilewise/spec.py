@@ -573,7 +573,9 @@ class PredictJob(BaseModel):
                     )
                 )
             merged[key] = value
-        if model.get("weights") is not None:
+        weights = manifest.weights_location(location)
+        # A validated job, dumped and validated again (in each actor), names both: that is fine.
+        if model.get("weights") is not None and model["weights"] != weights:
             problems.append(
                 (
                     ("model", "weights"),
@@ -582,7 +584,7 @@ class PredictJob(BaseModel):
                     f"both.",
                 )
             )
-        merged["weights"] = manifest.weights_location(location)
+        merged["weights"] = weights
         result = {**data, "model": merged}
         inp = data.get("input")
         if isinstance(inp, Mapping) and manifest.normalize:
@@ -735,10 +737,397 @@ class PredictJob(BaseModel):
         return []
 
 
-# Later kinds ("train", ...) join this table, and Job becomes
-# ``Annotated[PredictJob | TrainJob, Field(discriminator="kind")]``.
-JOB_KINDS: dict[str, type[BaseModel]] = {"predict": PredictJob}
-Job: TypeAlias = PredictJob
+# ----------------------------------------------------------------------------------------------
+# Training jobs
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve_all(values: list[str], info: ValidationInfo) -> list[str]:
+    if any(not isinstance(v, str) or not v.strip() for v in values):
+        raise ValueError("every entry must be a non-empty path, glob pattern or URI")
+    return [resolve_location(v, _base_dir(info)) for v in values]
+
+
+class TrainDataSpec(BaseModel):
+    """The sharded dataset: Zarr groups with an ``image`` (C, H, W) and a ``label`` (H, W)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shards: list[str] = Field(
+        min_length=1,
+        description=(
+            "Training shards: paths, glob patterns or fsspec URIs of Zarr groups, each holding "
+            "'image' (C, H, W), 'label' (H, W) integers and optionally 'weight' (H, W) floats "
+            "(U-Net's weight map). Relative paths are relative to the job file's folder."
+        ),
+    )
+    val_shards: list[str] | None = Field(
+        default=None,
+        description=(
+            "Held-out shards for validation; null = val_fraction of the shards, chosen by seed."
+        ),
+    )
+    val_fraction: float = Field(
+        default=0.2,
+        ge=0,
+        lt=1,
+        description="Share of the shards held out when val_shards is null (the split is by shard).",
+    )
+    ignore_index: int = Field(
+        default=255, ge=0, description="Label value that counts nowhere (unlabelled pixels)."
+    )
+    storage_options: dict[str, Any] | None = Field(
+        default=None, description="fsspec options (credentials, endpoints) for shard URIs."
+    )
+
+    @field_validator("shards", "val_shards")
+    @classmethod
+    def _resolve(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        return None if value is None else _resolve_all(value, info)
+
+
+class TrainModelSpec(BaseModel):
+    """The network to train."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = Field(description="Registered architecture name (`tilewise models`).")
+    num_classes: int = Field(ge=1, description="Number of classes (label values 0..n-1).")
+    in_channels: int | None = Field(
+        default=None, ge=1, description="Input channels; null = the shards' band count."
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="The architecture's own keyword arguments."
+    )
+    class_names: list[str] | None = Field(
+        default=None, description="One name per class, stored in the model package."
+    )
+    init: str | None = Field(
+        default=None,
+        description=(
+            "Weights to start from: a .safetensors/.pt state dict or a model package folder; "
+            "null = initialised from seed."
+        ),
+    )
+
+    @field_validator("arch")
+    @classmethod
+    def _arch_is_registered(cls, value: str) -> str:
+        return ModelSpec._arch_is_registered(value)
+
+    @field_validator("init")
+    @classmethod
+    def _resolve_init(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_location(value, _base_dir(info))
+
+
+class PatchSpec(BaseModel):
+    """The training patches sampled from the shards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int = Field(ge=8, description="Patch side in pixels (a valid input size of the net).")
+    sampler: Literal["uniform", "class_balanced", "foreground"] = Field(
+        default="uniform",
+        description=(
+            "uniform: anywhere; class_balanced: centred on a pixel of a class drawn uniformly "
+            "(rare classes as often as common ones); foreground: centred on a non-background "
+            "pixel with probability foreground_p."
+        ),
+    )
+    foreground_p: float = Field(
+        default=0.5, ge=0, le=1, description="foreground sampler: share of foreground patches."
+    )
+    background_class: int = Field(
+        default=0, ge=0, description="foreground sampler: the class that is not foreground."
+    )
+
+
+class ElasticSpec(BaseModel):
+    """U-Net's elastic deformation: random displacements on a coarse grid, bicubic in between."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grid: int = Field(default=3, ge=2, description="Control points per side (the paper: 3 x 3).")
+    std: float = Field(
+        default=10.0, ge=0, description="Standard deviation of the displacements in px (10)."
+    )
+    p: float = Field(default=1.0, ge=0, le=1, description="Share of patches deformed.")
+
+
+class JitterSpec(BaseModel):
+    """Random brightness and contrast changes of the image (never of the labels)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    brightness: float = Field(default=0.1, ge=0, description="Max shift, in normalised units.")
+    contrast: float = Field(default=0.1, ge=0, description="Max relative contrast change.")
+
+
+class AugmentSpec(BaseModel):
+    """Augmentation of each patch (image, labels and weight map alike, except jitter)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    flip: bool = Field(default=True, description="Random horizontal and vertical flips.")
+    rotate90: bool = Field(default=True, description="Random multiples of 90 degrees.")
+    elastic: ElasticSpec | None = Field(
+        default=None, description="U-Net's elastic deformation; null = off."
+    )
+    jitter: JitterSpec | None = Field(default=None, description="Intensity jitter; null = off.")
+
+
+class OptimizerSpec(BaseModel):
+    """The optimiser: SGD with momentum as in the papers, or Adam."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["sgd", "adam"] = Field(default="sgd", description="sgd | adam.")
+    lr: float = Field(default=0.01, gt=0, description="Learning rate.")
+    momentum: float = Field(
+        default=0.99, ge=0, lt=1, description="SGD momentum (U-Net: 0.99; FCN: 0.9)."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="L2 weight decay.")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="Adam's betas.")
+
+
+class ScheduleSpec(BaseModel):
+    """The learning-rate schedule over the steps."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["constant", "step", "poly"] = Field(
+        default="constant",
+        description="constant | step (times gamma every step_size steps) | poly (DeepLab: "
+        "(1 - step/steps)^power).",
+    )
+    step_size: int | None = Field(default=None, ge=1, description="step: steps between decays.")
+    gamma: float = Field(default=0.1, gt=0, description="step: decay factor.")
+    power: float = Field(default=0.9, gt=0, description="poly: exponent (DeepLab: 0.9).")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warm-up from lr/10.")
+
+
+class ScalingSpec(BaseModel):
+    """Ray Train's scaling: data-parallel workers (DDP) and their resources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(
+        default=None, description="Ray cluster address; null = $RAY_ADDRESS or embedded Ray."
+    )
+    workers: int = Field(
+        default=1, ge=0, description="DDP workers; 0 = in the driver's process (quick tests)."
+    )
+    gpus_per_worker: float = Field(default=0, ge=0, description="GPUs per worker (0 = CPU).")
+    cpus_per_worker: float = Field(default=1, gt=0, description="CPUs (torch threads) per worker.")
+
+
+class CheckpointSpec(BaseModel):
+    """Checkpoints: model, optimiser, schedule, step and sampler state."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(default=100, ge=1, description="Steps between checkpoints.")
+    keep: int = Field(default=2, ge=1, description="Checkpoints kept (plus the best one).")
+
+
+class ValidationSpec(BaseModel):
+    """Validation on the held-out shards through the predict engine (overlap-tile)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(default=200, ge=1, description="Steps between validations.")
+    tile: int | None = Field(
+        default=None, ge=1, description="Tile of the overlap-tile engine; null = patch.size."
+    )
+    batch_size: int = Field(default=4, ge=1, description="Windows per forward pass.")
+    metric: Literal["mean_iou", "pixel_accuracy", "mean_accuracy", "frequency_weighted_iou"] = (
+        Field(default="mean_iou", description="The FCN metric that picks the best weights.")
+    )
+
+
+class TrainJob(BaseModel):
+    """Train a network on sharded Zarr data with Ray Train; the result is a model package."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["train"] = Field(description="Job kind: 'train' trains a network.")
+    name: str | None = Field(
+        default=None,
+        description=(
+            "Run name; running the job again with the same name and storage resumes it from "
+            "its last checkpoint. null = the job file's name (stem)."
+        ),
+    )
+    data: TrainDataSpec = Field(description="The training and validation shards.")
+    model: TrainModelSpec = Field(
+        description="The network to train: architecture, classes, initial weights."
+    )
+    normalize: NormalizeSpec = Field(
+        default=NormalizeSpec(),
+        description="Input normalisation, stored in the package for predict jobs.",
+    )
+    patch: PatchSpec = Field(description="Patch size and sampler.")
+    augment: AugmentSpec = Field(default=AugmentSpec(), description="Patch augmentation.")
+    loss: dict[str, Any] = Field(
+        default_factory=lambda: {"kind": "cross_entropy"},
+        description=(
+            "The loss: {kind: cross_entropy | weighted_cross_entropy | dice | sum, ...} "
+            "(see tilewise.losses.build_loss)."
+        ),
+    )
+    optimizer: OptimizerSpec = Field(default=OptimizerSpec(), description="The optimiser.")
+    schedule: ScheduleSpec = Field(default=ScheduleSpec(), description="Learning-rate schedule.")
+    steps: int | None = Field(
+        default=None, ge=1, description="Optimiser steps in all (give steps or epochs)."
+    )
+    epochs: int | None = Field(
+        default=None, ge=1, description="Epochs (shard reassignments) in all (steps or epochs)."
+    )
+    steps_per_epoch: int | None = Field(
+        default=None,
+        ge=1,
+        description="Steps per epoch; null = the shards' pixels / (patch px x batch x workers).",
+    )
+    batch_size: int = Field(default=8, ge=1, description="Patches per step and worker.")
+    amp: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Mixed precision: auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    scaling: ScalingSpec = Field(default=ScalingSpec(), description="Workers and resources.")
+    checkpoint: CheckpointSpec = Field(default=CheckpointSpec(), description="Checkpoints.")
+    validation: ValidationSpec = Field(default=ValidationSpec(), description="Validation.")
+    storage: str = Field(
+        default="runs",
+        description=(
+            "Where runs keep checkpoints and logs (local path or fsspec URI); relative paths "
+            "are relative to the job file's folder."
+        ),
+    )
+    package: str | None = Field(
+        default=None,
+        description="Where the trained model package goes; null = <storage>/<name>/model.",
+    )
+    seed: int = Field(default=0, description="Seed of weights, shard order, patches, augment.")
+
+    @field_validator("storage", "package")
+    @classmethod
+    def _resolve_locations(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_location(value, _base_dir(info))
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_builds(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from tilewise.losses import build_loss
+
+        try:
+            build_loss(value, path="loss")
+        except ConfigError as exc:
+            # build_loss names the dotted path itself; the location is added by the caller.
+            raise ValueError(str(exc).removeprefix("loss: ").removeprefix("loss")) from None
+        return value
+
+    @model_validator(mode="after")
+    def check_rules(self) -> Self:
+        """Check the rules that tie fields together; report all their problems at once."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        model = self.model
+        if (self.steps is None) == (self.epochs is None):
+            problems.append(
+                (
+                    ("steps",),
+                    "give the length of the run as steps or as epochs (exactly one); got "
+                    f"steps {_show(self.steps)} and epochs {_show(self.epochs)}.",
+                )
+            )
+        if model.class_names is not None and len(model.class_names) != model.num_classes:
+            problems.append(
+                (
+                    ("model", "class_names"),
+                    f"must have one name per class ({model.num_classes}, num_classes); got "
+                    f"{len(model.class_names)} names.",
+                )
+            )
+        if self.data.ignore_index < model.num_classes:
+            problems.append(
+                (
+                    ("data", "ignore_index"),
+                    f"must not be a class (0..{model.num_classes - 1}); got "
+                    f"{self.data.ignore_index}. Use e.g. 255.",
+                )
+            )
+        if self.patch.background_class >= model.num_classes:
+            problems.append(
+                (
+                    ("patch", "background_class"),
+                    f"must be a class of the model (0..{model.num_classes - 1}); got "
+                    f"{self.patch.background_class}.",
+                )
+            )
+        if self.schedule.name == "step" and self.schedule.step_size is None:
+            problems.append(
+                (("schedule", "step_size"), "schedule 'step' needs step_size (steps per decay).")
+            )
+        allowed = entry(model.arch).arg_names()
+        unknown = [key for key in model.args if key not in allowed]
+        for key in unknown:
+            problems.append(
+                (
+                    ("model", "args", key),
+                    f"unknown argument '{key}' for arch '{model.arch}'."
+                    f"{did_you_mean(key, allowed)} "
+                    f"It takes: {', '.join(allowed) or 'no arguments'}.",
+                )
+            )
+        if not unknown:
+            try:
+                arch_facts = facts(
+                    model.arch,
+                    in_channels=model.in_channels or 3,
+                    num_classes=model.num_classes,
+                    **model.args,
+                )
+            except ConfigError as exc:
+                problems.append((("model", "args"), str(exc)))
+            else:
+                rule, size = arch_facts.size_rule, self.patch.size
+                if not rule.is_valid(size):
+                    lower = max(rule.minimum, size - (size - rule.minimum) % rule.step)
+                    fix = (
+                        f"{rule.ceil(size)}"
+                        if size < rule.minimum
+                        else f"{lower} or " + str(rule.ceil(size))
+                    )
+                    problems.append(
+                        (
+                            ("patch", "size"),
+                            f"{size} px is not a valid input size for arch '{model.arch}' "
+                            f"(valid: {rule.minimum} + k x {rule.step}); got {size}. Use "
+                            f"size: {fix}.",
+                        )
+                    )
+                elif size - 2 * arch_facts.margin < 1:
+                    problems.append(
+                        (("patch", "size"), f"{size} px leaves no output after the margin.")
+                    )
+        if problems:
+            raise _RuleError(problems)
+        return self
+
+    @property
+    def run_name(self) -> str:
+        """The run's name (``name``, else 'train')."""
+        return self.name or "train"
+
+    @property
+    def package_location(self) -> str:
+        """Where the model package is written."""
+        if self.package is not None:
+            return self.package
+        return f"{self.storage.rstrip('/')}/{self.run_name}/model"
+
+
+JOB_KINDS: dict[str, type[BaseModel]] = {"predict": PredictJob, "train": TrainJob}
+Job: TypeAlias = Annotated[PredictJob | TrainJob, Field(discriminator="kind")]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -484,9 +484,14 @@ def _submit(
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit the job; with ``--follow`` stream its logs and return its exit status."""
-    from tilewise.spec import load_job
+    from tilewise.spec import PredictJob, load_job
 
     job = load_job(args.job)  # a bad spec stops here: nothing is submitted
+    if not isinstance(job, PredictJob):
+        raise ConfigError(
+            f"tilewise submit takes predict jobs; '{args.job}' is a {job.kind} job. Submit it "
+            f"with Ray's own client: ray job submit --working-dir . -- tilewise run {args.job}"
+        )
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be at least 1; got {args.workers}.")
     if args.entrypoint_num_cpus is not None and args.entrypoint_num_cpus < 0:

@@ -23,7 +23,7 @@ from tilewise.pipeline.engine import TilePlan
 from tilewise.pipeline.output import OutputLayout, fingerprint_of
 from tilewise.pipeline.stores import InputImage, is_url
 from tilewise.pipeline.units import UnitGrid
-from tilewise.spec import PredictJob, is_pattern
+from tilewise.spec import NormalizeSpec, PredictJob, is_pattern
 
 __all__ = [
     "Normalizer",
@@ -45,8 +45,7 @@ class Normalizer:
     slides and scenes: a quarter of float32) cross the bus.
     """
 
-    def __init__(self, job: PredictJob, dtype: np.dtype, channels: int) -> None:
-        spec = job.input.normalize
+    def __init__(self, spec: NormalizeSpec, dtype: np.dtype, channels: int) -> None:
         self.scale = float(_AUTO_SCALE.get(dtype, 1.0) if spec.scale == "auto" else spec.scale)
         self.mean = self._per_band(spec.mean, channels, "mean", 0.0)
         self.std = self._per_band(spec.std, channels, "std", 1.0)
@@ -249,7 +248,14 @@ def prepare(job: PredictJob) -> PreparedJob:
     )
     grid = UnitGrid(height, width, o.shard or chunk)
     return PreparedJob(
-        job, image, facts, channels, plan, grid, layout, Normalizer(job, image.dtype, channels)
+        job,
+        image,
+        facts,
+        channels,
+        plan,
+        grid,
+        layout,
+        Normalizer(job.input.normalize, image.dtype, channels),
     )
 
 

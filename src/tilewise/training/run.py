@@ -1,0 +1,320 @@
+"""The driver of a train job: check everything, run Ray Train, write the model package.
+
+Every check that can fail on the user's data runs here, before any worker starts: the shards
+(shapes, label values, band counts, patch size), the train/validation split, the number of
+workers against the number of shards, and the initial weights. Then a ``TorchTrainer`` runs
+:func:`~tilewise.training.loop.train_loop` on ``scaling.workers`` workers (0 = in this process).
+Running the same job again (same ``name`` and ``storage``) resumes from its last checkpoint, which
+is Ray Train V2's resume-by-name; a finished run is not run again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tilewise.errors import ConfigError, TilewiseError
+from tilewise.spec import TrainJob
+
+__all__ = ["TrainSummary", "load_init", "prepare_training", "run_training"]
+
+
+@dataclass
+class TrainSummary:
+    """What a training run did; printed at the end."""
+
+    name: str
+    status: str
+    steps: int
+    steps_per_epoch: int
+    seconds: float
+    package: str
+    run_dir: str
+    workers: int
+    train_shards: int
+    val_shards: int
+    final: dict[str, Any] = field(default_factory=dict)
+    best: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        """The one-screen report."""
+        loss = self.final.get("loss")
+        best = ", ".join(
+            f"{k} {v:.4f}" for k, v in self.best.items() if k.startswith("val_") and v == v
+        )
+        return [
+            f"tilewise train '{self.name}': {self.status}",
+            f"  steps    {self.steps} ({self.steps_per_epoch} per epoch) on {self.workers} "
+            f"worker(s), {self.seconds:.1f} s",
+            f"  shards   {self.train_shards} for training, {self.val_shards} held out",
+            f"  loss     {loss:.4f} at the last step" if loss is not None else "  loss     -",
+            f"  best     step {self.best.get('step', '-')}: {best or '-'}",
+            f"  package  {self.package}",
+            f"  run      {self.run_dir} (metrics.jsonl, checkpoints)",
+        ]
+
+
+def load_init(job: TrainJob, in_channels: int) -> dict[str, Any]:
+    """The state dict ``model.init`` names: a weights file, or a model package that must hold
+    this job's architecture, arguments, classes and input channels."""
+    from tilewise.models.weights import load_state_file
+    from tilewise.packages import load_manifest
+
+    m = job.model
+    assert m.init is not None
+    location = m.init
+    if not location.endswith((".safetensors", ".pt", ".pth")):  # a package folder
+        manifest = load_manifest(location)
+        given = (m.arch, m.args, m.num_classes, in_channels)
+        held = (manifest.arch, manifest.args, manifest.num_classes, manifest.in_channels)
+        if given != held:
+            raise ConfigError(
+                f"model.init: the package '{location}' holds {manifest.arch} {manifest.args} "
+                f"with {manifest.num_classes} classes and {manifest.in_channels} input channels; "
+                f"this job trains {m.arch} {m.args} with {m.num_classes} classes and "
+                f"{in_channels} channels. Start from a matching package, or from a weights file "
+                f"with matching shapes."
+            )
+        location = manifest.weights_location(location)
+    return load_state_file(location, what="model.init")
+
+
+def _split(job: TrainJob, locations: list[str]) -> tuple[list[str], list[str]]:
+    """Hold out ``val_fraction`` of the shards (by shard, seeded) when no val_shards are given."""
+    if job.data.val_shards is not None or job.data.val_fraction == 0 or len(locations) < 2:
+        return locations, []
+    n_val = max(1, round(len(locations) * job.data.val_fraction))
+    n_val = min(n_val, len(locations) - 1)
+    order = np.random.default_rng(job.seed).permutation(len(locations))
+    held = {int(i) for i in order[:n_val]}
+    return (
+        [loc for i, loc in enumerate(locations) if i not in held],
+        [loc for i, loc in enumerate(locations) if i in held],
+    )
+
+
+def prepare_training(job: TrainJob) -> dict[str, Any]:
+    """Open and check the data and the initial weights; the config every worker gets.
+
+    Raises:
+        TilewiseError: any problem with the shards, the split, the workers or the weights,
+            before anything is written or any worker starts.
+    """
+    from tilewise.training.shards import expand_locations, open_shards
+
+    d = job.data
+    options = d.storage_options
+    locations = expand_locations(d.shards, storage_options=options)
+    train_locations, held_out = _split(job, locations)
+    train = open_shards(
+        train_locations,
+        num_classes=job.model.num_classes,
+        ignore_index=d.ignore_index,
+        patch_size=job.patch.size,
+        storage_options=options,
+    )
+    val_locations = held_out if d.val_shards is None else d.val_shards
+    val = (
+        open_shards(
+            val_locations,
+            num_classes=job.model.num_classes,
+            ignore_index=d.ignore_index,
+            patch_size=1,  # validated whole, by overlap-tile: no patch is cut from them
+            storage_options=options,
+        )
+        if val_locations
+        else []
+    )
+    bands = {s.shape[0] for s in train + val}
+    if len(bands) > 1:
+        raise ConfigError(
+            f"training and validation shards have different band counts {sorted(bands)}; "
+            f"every shard must have the bands the network takes."
+        )
+    in_channels = train[0].shape[0]
+    if job.model.in_channels is not None and job.model.in_channels != in_channels:
+        raise ConfigError(
+            f"model.in_channels is {job.model.in_channels} but the shards have {in_channels} "
+            f"bands; set model.in_channels: {in_channels} or leave it out."
+        )
+    workers = max(1, job.scaling.workers)
+    if workers > len(train):
+        raise ConfigError(
+            f"scaling.workers ({job.scaling.workers}) is more than the training shards "
+            f"({len(train)}): in each epoch every worker reads its own shards. Use at most "
+            f"{len(train)} workers or split the data into more shards."
+        )
+    if job.model.init is not None:
+        from tilewise.training.loop import build_network
+
+        try:
+            build_network(job, in_channels)
+        except RuntimeError as exc:  # load_state_dict: wrong keys or shapes
+            first = " ".join(str(exc).strip().splitlines()[:2])
+            raise ConfigError(
+                f"model.init '{job.model.init}' does not fit {job.model.arch} with "
+                f"{in_channels} input channels and {job.model.num_classes} classes: {first}"
+            ) from None
+    patch_px = job.patch.size**2
+    pixels = sum(s.height * s.width for s in train)
+    per_epoch = job.steps_per_epoch or max(1, pixels // (patch_px * job.batch_size * workers))
+    total = job.steps if job.steps is not None else (job.epochs or 1) * per_epoch
+    return {
+        "job": job.model_dump(mode="json"),
+        "train_shards": train,
+        "val_shards": val,
+        "in_channels": in_channels,
+        "steps": total,
+        "per_epoch": per_epoch,
+        "threads": int(job.scaling.cpus_per_worker),
+        "run_dir": _run_dir(job),
+        "root": f"{job.storage.rstrip('/')}/{job.run_name}",
+    }
+
+
+def _run_dir(job: TrainJob) -> str | None:
+    """The run's local folder (metrics, best weights); None for object-store storage."""
+    if "://" in job.storage:
+        return None
+    return str(Path(job.storage) / job.run_name)
+
+
+def _finished(job: TrainJob, total: int) -> bool:
+    from tilewise.packages import load_manifest
+
+    try:
+        manifest = load_manifest(job.package_location)
+    except TilewiseError:
+        return False
+    training = manifest.training or {}
+    return training.get("run") == job.run_name and training.get("steps") == total
+
+
+def run_training(
+    job: TrainJob, *, address: str | None = None, progress: bool = True
+) -> TrainSummary:
+    """Train to completion (resuming a previous run of the same name), write the package."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from tilewise.training.loop import train_loop
+
+    t0 = time.perf_counter()
+    config = prepare_training(job)
+    total, per_epoch, run_dir = config["steps"], config["per_epoch"], config["run_dir"]
+    summary = TrainSummary(
+        name=job.run_name,
+        status="complete",
+        steps=total,
+        steps_per_epoch=per_epoch,
+        seconds=0.0,
+        package=job.package_location,
+        run_dir=run_dir or f"{job.storage}/{job.run_name}",
+        workers=job.scaling.workers,
+        train_shards=len(config["train_shards"]),
+        val_shards=len(config["val_shards"]),
+    )
+    if _finished(job, total):
+        summary.status = "complete (already)"
+        _fill_metrics(summary, run_dir, job.validation.metric)
+        return summary
+    s = job.scaling
+    started = False
+    if s.workers > 0:
+        from tilewise.pipeline.driver import _connect
+
+        started = _connect(address or s.address)
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    if s.gpus_per_worker:
+        resources["GPU"] = s.gpus_per_worker
+    try:
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config=config,
+            torch_config=TorchConfig(backend="nccl" if s.gpus_per_worker else "gloo"),
+            scaling_config=ScalingConfig(
+                num_workers=s.workers,
+                use_gpu=bool(s.gpus_per_worker),
+                resources_per_worker=resources if s.workers else None,
+            ),
+            run_config=RunConfig(
+                name=job.run_name,
+                storage_path=job.storage,
+                # a lost worker restarts the group from the last checkpoint
+                failure_config=FailureConfig(max_failures=3),
+            ),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        _write_package(job, config)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    summary.seconds = round(time.perf_counter() - t0, 2)
+    _fill_metrics(summary, run_dir, job.validation.metric)
+    return summary
+
+
+def _write_package(job: TrainJob, config: dict[str, Any]) -> None:
+    """The model package: the best validated weights, else the last checkpoint's."""
+    from tilewise.packages import save_package
+    from tilewise.training.checkpoints import CheckpointStore
+
+    store = CheckpointStore(config["root"], job.data.storage_options)
+    best = store.best()
+    if best is not None:
+        weights, chosen = best
+    else:
+        latest = store.latest()
+        if latest is None:
+            raise ConfigError(
+                f"training run '{job.run_name}' ended without a checkpoint; nothing to package."
+            )
+        weights, state = latest
+        chosen = {"step": state["step"]}
+    m = job.model
+    save_package(
+        job.package_location,
+        weights,
+        arch=m.arch,
+        args=m.args,
+        in_channels=config["in_channels"],
+        num_classes=m.num_classes,
+        class_names=m.class_names,
+        normalize=job.normalize.model_dump(mode="json"),
+        training={
+            "run": job.run_name,
+            "steps": config["steps"],
+            "weights_of_step": chosen.get("step"),
+            "metrics": {k: v for k, v in chosen.items() if isinstance(v, int | float)},
+        },
+        overwrite=True,
+    )
+
+
+def _fill_metrics(summary: TrainSummary, run_dir: str | None, metric: str) -> None:
+    if run_dir is None:
+        return
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if rows:
+        summary.final = rows[-1]
+    key = f"val_{metric}"
+    scored = [r for r in rows if key in r and not math.isnan(float(r[key]))]
+    if scored:
+        summary.best = max(scored, key=lambda r: float(r[key]))

@@ -1,0 +1,215 @@
+"""Train jobs end to end: Ray Train (in-process and 2 DDP workers), checkpoints, resume, package.
+
+The data are synthetic shards whose labels are known: bright disks (class 1) on a darker noisy
+background. Whether a network learned them is judged independently of the training code: a
+predict job runs the written package, and its labels are compared with the shards' own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+from safetensors.torch import load_file
+
+from tilewise.errors import ConfigError, InputError
+from tilewise.spec import TrainJob, job_errors, load_job, parse_job
+from tilewise.training.run import prepare_training, run_training
+
+NORMALIZE = {"mean": [0.35], "std": [0.25]}
+
+
+def _disks(path: Path, seed: int, size: int = 96) -> np.ndarray:
+    """A shard with an RGB image of bright disks on noise, and their labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    label = np.zeros((size, size), np.uint8)
+    for _ in range(6):
+        cy, cx = rng.integers(10, size - 10, 2)
+        label[(yy - cy) ** 2 + (xx - cx) ** 2 < int(rng.integers(5, 12)) ** 2] = 1
+    image = rng.normal(60, 15, (3, size, size))
+    image[:, label == 1] += 100
+    group = zarr.open_group(path, mode="w")
+    group.create_array("image", data=np.clip(image, 0, 255).astype(np.uint8), chunks=(3, 64, 64))
+    group.create_array("label", data=label, chunks=(64, 64))
+    return label
+
+
+def _job(tmp_path: Path, **changes: Any) -> dict[str, Any]:
+    for i in range(5):
+        if not (tmp_path / f"shards/s{i}.zarr").exists():
+            _disks(tmp_path / f"shards/s{i}.zarr", i)
+    job: dict[str, Any] = {
+        "kind": "train",
+        "name": "disks",
+        "data": {"shards": [str(tmp_path / "shards/*.zarr")], "val_fraction": 0.2},
+        "model": {"arch": "unet_same", "num_classes": 2, "args": {"depth": 2, "base_width": 8}},
+        "normalize": NORMALIZE,
+        "patch": {"size": 48},
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "steps": 60,
+        "batch_size": 4,
+        "scaling": {"workers": 0, "cpus_per_worker": 1},
+        "checkpoint": {"every": 20},
+        "validation": {"every": 30},
+        "storage": str(tmp_path / "runs"),
+    }
+    job.update(changes)
+    return job
+
+
+def _iou_of_package(tmp_path: Path, package: str, shard: str) -> float:
+    """Class-1 IoU of a predict job with ``package`` on a shard's image, against its labels."""
+    from tilewise.pipeline.driver import run_job
+
+    image = zarr.open_group(shard, mode="r")
+    label = image["label"][:]
+    zarr.create_array(tmp_path / "val-image.zarr", data=image["image"][:],
+                      dimension_names=("c", "y", "x"), overwrite=True)  # fmt: skip
+    job = parse_job(
+        {
+            "kind": "predict",
+            "input": {"path": str(tmp_path / "val-image.zarr")},
+            "model": {"package": package},
+            "tiling": {"tile": 32},
+            "output": {"path": str(tmp_path / "pred.zarr"), "labels": "uint8", "overwrite": True},
+        }
+    )
+    run_job(job, progress=False)
+    pred = zarr.open_group(tmp_path / "pred.zarr", mode="r")["labels/0"][:]
+    return float(((pred == 1) & (label == 1)).sum() / ((pred == 1) | (label == 1)).sum())
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_in_process_training_learns_the_disks_and_its_package_predicts_them(
+    tmp_path: Path,
+) -> None:
+    job = parse_job(_job(tmp_path, steps=150))
+    assert isinstance(job, TrainJob)
+    summary = run_training(job, progress=False)
+    assert summary.status == "complete" and summary.steps == 150
+    rows = [json.loads(x) for x in (tmp_path / "runs/disks/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 151))
+    held_out = prepare_training(job)["val_shards"][0].location
+    assert _iou_of_package(tmp_path, summary.package, held_out) >= 0.9
+    # the package keeps the best validated weights, and says which step they are from
+    manifest = yaml.safe_load((Path(summary.package) / "model.yaml").read_text())
+    assert manifest["training"]["weights_of_step"] == summary.best["step"]
+    assert manifest["normalize"]["mean"] == NORMALIZE["mean"]
+    # running the finished job again does nothing
+    assert run_training(job, progress=False).status == "complete (already)"
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_two_ddp_workers_read_disjoint_shards_and_learn(tmp_path: Path) -> None:
+    job = parse_job(_job(tmp_path, steps=120, scaling={"workers": 2, "cpus_per_worker": 1},
+                         data={"shards": [str(tmp_path / "shards/s[0-3].zarr")],
+                               "val_shards": [str(tmp_path / "shards/s4.zarr")]},
+                         steps_per_epoch=30))  # fmt: skip
+    assert isinstance(job, TrainJob)
+    summary = run_training(job, progress=False)
+    assert summary.workers == 2 and summary.status == "complete"
+    run_dir = tmp_path / "runs/disks"
+    seen: dict[int, dict[int, set[str]]] = {}
+    for rank in (0, 1):
+        for line in (run_dir / f"shards-rank{rank}.jsonl").read_text().splitlines():
+            if line:
+                row = json.loads(line)
+                assert set(row["read"]) <= set(row["assigned"])  # only its own shards
+                seen.setdefault(row["epoch"], {})[rank] = set(row["assigned"])
+    assert sorted(seen) == [0, 1, 2, 3]
+    for epoch, by_rank in seen.items():
+        assert not by_rank[0] & by_rank[1], f"epoch {epoch}: a shard read by both workers"
+        assert len(by_rank[0] | by_rank[1]) == 4
+    assert len({frozenset(by_rank[0]) for by_rank in seen.values()}) > 1  # reshuffled
+    assert _iou_of_package(tmp_path, summary.package, str(tmp_path / "shards/s4.zarr")) >= 0.9
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path: Path) -> None:
+    data = _job(tmp_path, steps=80, checkpoint={"every": 10}, validation={"every": 1000})
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump({**data, "name": "killed"}))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "tilewise.cli", "run", str(path), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "runs/killed/metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 35:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # a real kill, between checkpoints
+    proc.wait()
+    steps_done = len(log.read_text().splitlines())
+    assert 35 <= steps_done < 80, steps_done
+    resumed = run_training(load_job(path), progress=False)  # type: ignore[arg-type]
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 81))  # none repeated, none skipped
+    straight = run_training(parse_job({**data, "name": "straight"}), progress=False)  # type: ignore[arg-type]
+    a = load_file(str(Path(resumed.package) / "weights.safetensors"))
+    b = load_file(str(Path(straight.package) / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _write(tmp_path: Path, job: dict[str, Any]) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_spec_rules_name_the_field(tmp_path: Path) -> None:
+    errors = job_errors(_write(tmp_path, _job(tmp_path, steps=None)))
+    assert any("steps: give the length of the run as steps or as epochs" in e for e in errors)
+    bad = _job(tmp_path, patch={"size": 50})
+    bad["model"] = {"arch": "unet", "num_classes": 2}
+    errors = job_errors(_write(tmp_path, bad))
+    assert any("patch.size: 50 px is not a valid input size for arch 'unet'" in e for e in errors)
+    errors = job_errors(_write(tmp_path, _job(tmp_path, loss={"kind": "dise"})))
+    assert len(errors) == 1 and "loss" in errors[0] and "dice" in errors[0]
+    no_shards = _job(tmp_path)
+    no_shards["data"] = {"shards": []}
+    assert any("data.shards" in e for e in job_errors(_write(tmp_path, no_shards)))
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "words"),
+    [
+        ("label_too_big", InputError, "label value"),
+        ("shape", InputError, "shape"),
+        ("no_match", ConfigError, "match nothing"),
+        ("patch", ConfigError, "does not fit"),
+        ("workers", ConfigError, "more than the training shards"),
+    ],
+)
+def test_bad_data_is_refused_before_any_worker_starts(
+    tmp_path: Path, damage: str, error: type[Exception], words: str
+) -> None:
+    data = _job(tmp_path)
+    if damage == "label_too_big":
+        zarr.open_group(tmp_path / "shards/s2.zarr", mode="r+")["label"][5, 5] = 7
+    elif damage == "shape":
+        g = zarr.open_group(tmp_path / "shards/s1.zarr", mode="r+")
+        g.create_array("label", data=np.zeros((90, 96), np.uint8), overwrite=True)
+    elif damage == "no_match":
+        data["data"]["shards"] = [str(tmp_path / "nowhere/*.zarr")]
+    elif damage == "patch":
+        data["patch"] = {"size": 128}
+    else:
+        data["scaling"] = {"workers": 5}
+    job = parse_job(data)
+    assert isinstance(job, TrainJob)
+    with pytest.raises(error, match=words):
+        run_training(job, progress=False)
+    assert not (tmp_path / "runs").exists()  # nothing written
