@@ -213,3 +213,43 @@ def test_bad_data_is_refused_before_any_worker_starts(
     with pytest.raises(error, match=words):
         run_training(job, progress=False)
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_killed_worker_is_replaced_and_the_run_ends_as_if_nothing_happened(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    import psutil
+
+    data = _job(tmp_path, steps=60, scaling={"workers": 2, "cpus_per_worker": 1},
+                checkpoint={"every": 10}, validation={"every": 1000},
+                data={"shards": [str(tmp_path / "shards/s[0-3].zarr")], "val_shards": []},
+                steps_per_epoch=15)  # fmt: skip
+    log = tmp_path / "runs/killed/metrics.jsonl"
+    killed: list[int] = []
+
+    def kill_a_worker() -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            if log.exists() and len(log.read_text().splitlines()) >= 25:
+                for proc in psutil.process_iter(["pid", "cmdline"]):
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                        proc.kill()
+                        killed.append(proc.info["pid"])
+                        return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    resumed = run_training(parse_job({**data, "name": "killed"}), progress=False)  # type: ignore[arg-type]
+    killer.join()
+    assert killed, "no training worker was found to kill"
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    straight = run_training(parse_job({**data, "name": "straight"}), progress=False)  # type: ignore[arg-type]
+    a = load_file(str(Path(resumed.package) / "weights.safetensors"))
+    b = load_file(str(Path(straight.package) / "weights.safetensors"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
