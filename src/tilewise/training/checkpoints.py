@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointStore"]
+__all__ = ["CheckpointStore", "MetricsLog"]
 
 WEIGHTS = "weights.safetensors"
 STATE = "state.pt"
@@ -34,6 +34,23 @@ class CheckpointStore:
 
         self.root = root.rstrip("/")
         self.fs, self.base = fsspec.core.url_to_fs(self.root, **(storage_options or {}))
+
+    @property
+    def local(self) -> bool:
+        """Whether the run folder is on the local file system (files can be appended to)."""
+        protocol = self.fs.protocol
+        return "file" in (protocol if isinstance(protocol, tuple | list) else (protocol,))
+
+    def append_line(self, name: str, line: str) -> None:
+        """Add a line to a small text file of the run folder (read and rewritten remotely)."""
+        path = f"{self.base}/{name}"
+        if self.local:
+            self.fs.makedirs(self.base, exist_ok=True)
+            with self.fs.open(path, "a") as fh:
+                fh.write(line + "\n")
+            return
+        old = self.fs.cat_file(path).decode() if self.fs.exists(path) else ""
+        self.fs.pipe_file(path, (old + line + "\n").encode())
 
     def _dir(self, step: int) -> str:
         return f"{self.base}/checkpoints/step-{step:09d}"
@@ -106,3 +123,46 @@ class CheckpointStore:
             return None
         metrics = json.loads(self.fs.cat_file(f"{folder}/metrics.json"))
         return load_tensors(self.fs.cat_file(f"{folder}/{WEIGHTS}")), metrics
+
+
+class MetricsLog:
+    """``metrics.jsonl`` of a run: one JSON object per step.
+
+    Locally each row is appended as it comes; on object stores (no appends) the file is
+    rewritten at each :meth:`flush` (every checkpoint). A resumed run first drops the rows of
+    steps after its checkpoint, which it computes again.
+    """
+
+    NAME = "metrics.jsonl"
+
+    def __init__(self, store: CheckpointStore, resumed_step: int) -> None:
+        self.store = store
+        self.path = f"{store.base}/{self.NAME}"
+        self.rows = [r for r in read_metrics(store) if int(r["step"]) <= resumed_step]
+        store.fs.makedirs(store.base, exist_ok=True)
+        self._write_all()
+
+    def _write_all(self) -> None:
+        text = "".join(json.dumps(r) + "\n" for r in self.rows)
+        self.store.fs.pipe_file(self.path, text.encode())
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Record one step's metrics."""
+        self.rows.append(row)
+        if self.store.local:
+            with self.store.fs.open(self.path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def flush(self) -> None:
+        """Make the file hold every row so far (a no-op locally, where rows are appended)."""
+        if not self.store.local:
+            self._write_all()
+
+
+def read_metrics(store: CheckpointStore) -> list[dict[str, Any]]:
+    """The rows of a run's ``metrics.jsonl`` (none when it has none yet)."""
+    path = f"{store.base}/{MetricsLog.NAME}"
+    if not store.fs.exists(path):
+        return []
+    text = store.fs.cat_file(path).decode()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -18,7 +18,6 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -175,14 +174,13 @@ def train_loop(config: dict[str, Any]) -> None:
 
     from tilewise.pipeline.job import Normalizer
     from tilewise.training.augment import Augment, AugmentConfig
-    from tilewise.training.checkpoints import CheckpointStore
+    from tilewise.training.checkpoints import CheckpointStore, MetricsLog
     from tilewise.training.loader import PatchLoader
     from tilewise.training.sampling import assign_shards, make_sampler
 
     job = TrainJob.model_validate(config["job"])
     train_shards, val_shards = config["train_shards"], config["val_shards"]
     in_channels, total, per_epoch = config["in_channels"], config["steps"], config["per_epoch"]
-    run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads_before = torch.get_num_threads()  # in-process runs give the caller's back
@@ -204,8 +202,8 @@ def train_loop(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, best = int(state["step"]), float(state["best"])
-        if rank == 0 and run_dir is not None:
-            _truncate_log(run_dir, start)  # steps after the checkpoint are redone
+    # steps after the checkpoint are computed again: their rows go
+    log = MetricsLog(store, start) if rank == 0 else None
     net = prepare_model(model) if world > 1 else model.to(device)
     criterion = build_loss(job.loss).to(device)
     weighted = isinstance(criterion, WeightedCrossEntropy)
@@ -250,7 +248,7 @@ def train_loop(config: dict[str, Any]) -> None:
         while step < total:
             if step // per_epoch != epoch:
                 loader.close()
-                _log_shards(run_dir, rank, epoch, sampler, read)
+                _log_shards(store, rank, epoch, sampler, read)
                 read = set()
                 epoch = step // per_epoch
                 sampler = sampler_for(epoch)
@@ -295,8 +293,8 @@ def train_loop(config: dict[str, Any]) -> None:
                     best = score
                     store.save_best(_inner(net).state_dict(), metrics)
             if not save_now:
-                if rank == 0 and run_dir is not None:
-                    _log(run_dir, metrics)
+                if log is not None:
+                    log.add(metrics)
                 continue
             loader_stats = loader.stats()
             metrics["loader_patches_per_s"] = loader_stats.get("patches_per_s", 0.0)
@@ -310,28 +308,27 @@ def train_loop(config: dict[str, Any]) -> None:
                     "best": best,
                 }
                 store.save(step, _inner(net).state_dict(), state, job.checkpoint.keep)
-                if run_dir is not None:
-                    _log(run_dir, metrics)
+                if log is not None:
+                    log.add(metrics)
+                    log.flush()
             ray.train.report(metrics)  # collective: the ranks wait for the checkpoint
-        _log_shards(run_dir, rank, epoch, sampler, read)
+        _log_shards(store, rank, epoch, sampler, read)
     finally:
         loader.close()
         torch.set_num_threads(threads_before)
 
 
-def _log_shards(run_dir: Path | None, rank: int, epoch: int, sampler: Any, read: set[str]) -> None:
+def _log_shards(store: Any, rank: int, epoch: int, sampler: Any, read: set[str]) -> None:
     """Which shards a rank was dealt in an epoch and which it read (``shards-rank<r>.jsonl``)."""
-    if run_dir is None or not read:
+    if not read:
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
     row = {
         "epoch": epoch,
         "rank": rank,
         "assigned": sorted(s.location for s in sampler.shards),
         "read": sorted(read),
     }
-    with open(run_dir / f"shards-rank{rank}.jsonl", "a") as fh:
-        fh.write(json.dumps(row) + "\n")
+    store.append_line(f"shards-rank{rank}.jsonl", json.dumps(row))
 
 
 def _inner(net: nn.Module) -> nn.Module:
@@ -340,18 +337,3 @@ def _inner(net: nn.Module) -> nn.Module:
         inner: nn.Module = net.module
         return inner
     return net
-
-
-def _truncate_log(run_dir: Path, step: int) -> None:
-    """Drop the metrics of steps after ``step`` (a resumed run computes them again)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _log(run_dir: Path, metrics: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(metrics) + "\n")

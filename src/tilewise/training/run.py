@@ -10,11 +10,9 @@ is Ray Train V2's resume-by-name; a finished run is not run again.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -177,16 +175,8 @@ def prepare_training(job: TrainJob) -> dict[str, Any]:
         "steps": total,
         "per_epoch": per_epoch,
         "threads": int(job.scaling.cpus_per_worker),
-        "run_dir": _run_dir(job),
         "root": f"{job.storage.rstrip('/')}/{job.run_name}",
     }
-
-
-def _run_dir(job: TrainJob) -> str | None:
-    """The run's local folder (metrics, best weights); None for object-store storage."""
-    if "://" in job.storage:
-        return None
-    return str(Path(job.storage) / job.run_name)
 
 
 def _finished(job: TrainJob, total: int) -> bool:
@@ -211,7 +201,7 @@ def run_training(
 
     t0 = time.perf_counter()
     config = prepare_training(job)
-    total, per_epoch, run_dir = config["steps"], config["per_epoch"], config["run_dir"]
+    total, per_epoch, root = config["steps"], config["per_epoch"], config["root"]
     summary = TrainSummary(
         name=job.run_name,
         status="complete",
@@ -219,14 +209,14 @@ def run_training(
         steps_per_epoch=per_epoch,
         seconds=0.0,
         package=job.package_location,
-        run_dir=run_dir or f"{job.storage}/{job.run_name}",
+        run_dir=root,
         workers=job.scaling.workers,
         train_shards=len(config["train_shards"]),
         val_shards=len(config["val_shards"]),
     )
     if _finished(job, total):
         summary.status = "complete (already)"
-        _fill_metrics(summary, run_dir, job.validation.metric)
+        _fill_metrics(summary, job)
         return summary
     s = job.scaling
     started = False
@@ -264,7 +254,7 @@ def run_training(
 
             ray.shutdown()
     summary.seconds = round(time.perf_counter() - t0, 2)
-    _fill_metrics(summary, run_dir, job.validation.metric)
+    _fill_metrics(summary, job)
     return summary
 
 
@@ -305,16 +295,13 @@ def _write_package(job: TrainJob, config: dict[str, Any]) -> None:
     )
 
 
-def _fill_metrics(summary: TrainSummary, run_dir: str | None, metric: str) -> None:
-    if run_dir is None:
-        return
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _fill_metrics(summary: TrainSummary, job: TrainJob) -> None:
+    from tilewise.training.checkpoints import CheckpointStore, read_metrics
+
+    rows = read_metrics(CheckpointStore(summary.run_dir, job.data.storage_options))
     if rows:
         summary.final = rows[-1]
-    key = f"val_{metric}"
+    key = f"val_{job.validation.metric}"
     scored = [r for r in rows if key in r and not math.isnan(float(r[key]))]
     if scored:
         summary.best = max(scored, key=lambda r: float(r[key]))
