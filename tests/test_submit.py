@@ -37,6 +37,7 @@ import zarr
 
 from tests.conftest import write_input
 from tests.reference import whole_image
+from tests.training.test_run import _disks
 from tilewise import models
 from tilewise.cli import main
 from tilewise.submit import _address_env_cleared, _is_this_machine
@@ -273,6 +274,32 @@ def runs(head: Head, data: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     argv = ["submit", "job.yaml", "--address", head.url, "--submission-id", sid, "--follow"]
     plans["ctrl_c"] = (sid, stopped, _tilewise_cmd(*argv), {})
 
+    # A train job (in the job's driver process: scaling.workers 0) with relative shard paths.
+    train = root / "train"
+    (train / "spec").mkdir(parents=True)
+    for i in range(3):
+        _disks(train / "spec" / "shards" / f"s{i}.zarr", i, size=64)
+    (train / "spec" / "train.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "kind": "train",
+                "name": "submitted",
+                "data": {"shards": ["shards/s[01].zarr"], "val_shards": ["shards/s2.zarr"]},
+                "model": {"arch": "unet_same", "num_classes": 2, "args": MODEL["args"]},
+                "patch": {"size": 32},
+                "steps": 6,
+                "batch_size": 2,
+                "scaling": {"workers": 0},
+                "checkpoint": {"every": 3},
+                "validation": {"every": 6},
+                "storage": "runs",
+            }
+        )
+    )
+    sid = f"t-train-{secrets.token_hex(3)}"
+    argv = ["submit", "spec/train.yaml", "--address", head.url, "--submission-id", sid]
+    plans["train"] = (sid, train, _tilewise_cmd(*argv, "--follow"), {})
+
     with ThreadPoolExecutor(len(plans)) as pool:
         futures = {
             key: pool.submit(
@@ -314,6 +341,20 @@ def test_submit_follow_runs_the_job_and_equals_whole_image_inference(
     assert labels.shape == SHAPE[1:]
     assert decided.mean() > 0.99
     assert np.array_equal(labels[decided], expected[decided])
+
+
+def test_submit_runs_a_train_job_and_its_package_lands_where_the_job_says(
+    head: Head, runs: dict[str, Run]
+) -> None:
+    run = runs["train"]
+    done = run.done
+    assert done.returncode == 0, _output(done)
+    assert "tilewise train 'submitted': complete" in done.stdout
+    assert head.client().get_job_info(run.sid).status.value == "SUCCEEDED"
+    package = run.folder / "spec" / "runs" / "submitted" / "model"
+    manifest = yaml.safe_load((package / "model.yaml").read_text())
+    assert manifest["training"]["run"] == "submitted" and manifest["training"]["steps"] == 6
+    assert (package / "weights.safetensors").stat().st_size > 0
 
 
 def test_a_used_submission_id_is_refused(head: Head, runs: dict[str, Run]) -> None:

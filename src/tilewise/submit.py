@@ -43,7 +43,7 @@ from tilewise.errors import ClusterError, ConfigError, TilewiseError
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-    from tilewise.spec import PredictJob
+    from tilewise.spec import PredictJob, TrainJob
 
 __all__ = ["ClusterError", "add_arguments", "cmd_submit", "job_locations", "runtime_env_for"]
 
@@ -112,9 +112,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def job_locations(job: PredictJob) -> dict[str, str]:
+def job_locations(job: PredictJob | TrainJob) -> dict[str, str]:
     """Every store or file the job names, by its dotted field: ``{"input.path": ..., ...}``."""
+    from tilewise.spec import TrainJob
+
     out: dict[str, str] = {}
+    if isinstance(job, TrainJob):
+        for name in ("shards", "val_shards"):
+            for i, location in enumerate(getattr(job.data, name) or []):
+                out[f"data.{name}[{i}]"] = location
+        if job.model.init:
+            out["model.init"] = job.model.init
+        out["storage"] = job.storage
+        out["package"] = job.package_location
+        return out
     paths = job.input.path if isinstance(job.input.path, list) else [job.input.path]
     for i, path in enumerate(paths):
         out["input.path" if len(paths) == 1 else f"input.path[{i}]"] = path
@@ -221,19 +232,23 @@ def _default_submission_id(name: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _resolve_address(given: str | None, job: PredictJob) -> str:
+def _resolve_address(given: str | None, job: PredictJob | TrainJob) -> str:
     if given:
         return given
     for name in _ADDRESS_ENV:
         if os.environ.get(name):
             return os.environ[name]
-    compute = job.compute.address
+    from tilewise.spec import PredictJob
+
+    compute = job.compute.address if isinstance(job, PredictJob) else job.scaling.address
     if compute and compute.lower().startswith(("http://", "https://")):
         return compute
     raise ConfigError(
         "no Ray cluster address: tilewise submit needs the dashboard URL of the cluster's head. "
         "Pass --address http://HEAD:8265, set RAY_ADDRESS=http://HEAD:8265, or put "
-        "compute.address: http://HEAD:8265 in the job (" + _HEAD_HINT + " first)."
+        "compute.address (scaling.address in train jobs): http://HEAD:8265 in the job ("
+        + _HEAD_HINT
+        + " first)."
     )
 
 
@@ -444,7 +459,7 @@ def _outcome(client: JobSubmissionClient, submission_id: str) -> int:
 def _submit(
     args: argparse.Namespace,
     address: str,
-    shipped: PredictJob,
+    shipped: PredictJob | TrainJob,
     name: str,
     submission_id: str,
     user_env: dict[str, Any] | None,
@@ -470,7 +485,7 @@ def _submit(
                     entrypoint=_entrypoint(args),
                     submission_id=submission_id,
                     runtime_env=runtime_env,
-                    metadata={"tilewise_job": name, "tilewise_output": shipped.output.path},
+                    metadata={"tilewise_job": name, "tilewise_output": _output_of(shipped)},
                     entrypoint_num_cpus=args.entrypoint_num_cpus,
                 )
             except RuntimeError as exc:
@@ -482,16 +497,18 @@ def _submit(
     return client
 
 
+def _output_of(job: PredictJob | TrainJob) -> str:
+    """What the job writes: a predict job's output, a train job's model package."""
+    from tilewise.spec import TrainJob
+
+    return job.package_location if isinstance(job, TrainJob) else job.output.path
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit the job; with ``--follow`` stream its logs and return its exit status."""
     from tilewise.spec import PredictJob, load_job
 
     job = load_job(args.job)  # a bad spec stops here: nothing is submitted
-    if not isinstance(job, PredictJob):
-        raise ConfigError(
-            f"tilewise submit takes predict jobs; '{args.job}' is a {job.kind} job. Submit it "
-            f"with Ray's own client: ray job submit --working-dir . -- tilewise run {args.job}"
-        )
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be at least 1; got {args.workers}.")
     if args.entrypoint_num_cpus is not None and args.entrypoint_num_cpus < 0:
@@ -513,7 +530,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
 
-    shipped = job.model_copy(update={"compute": job.compute.model_copy(update={"address": None})})
+    # The job runs on the cluster it was submitted to, whatever address the file names.
+    shipped: PredictJob | TrainJob
+    if isinstance(job, PredictJob):
+        shipped = job.model_copy(
+            update={"compute": job.compute.model_copy(update={"address": None})}
+        )
+    else:
+        shipped = job.model_copy(
+            update={"scaling": job.scaling.model_copy(update={"address": None})}
+        )
     try:
         client = _submit(args, address, shipped, name, submission_id, user_env)
     except KeyboardInterrupt:
