@@ -386,8 +386,29 @@ def test_json_schema_rejects_an_unknown_key() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_every_shipped_job_validates() -> None:
-    files = sorted(JOBS_DIR.glob("*.yaml"))
+def test_every_shipped_job_validates(tmp_path: Path) -> None:
+    import shutil
+
+    import torch
+
+    from tilewise import models
+    from tilewise.packages import save_package
+
+    jobs = tmp_path / "jobs"
+    shutil.copytree(JOBS_DIR, jobs)
+    # The demo's predict job names the package its train job writes: make that package from
+    # the train job's own model section, where the train job would put it.
+    train = load_job(jobs / "ihc-train.yaml")
+    assert isinstance(train, TrainJob)
+    demo = yaml.safe_load((jobs / "ihc-demo.yaml").read_text())
+    assert resolve_location(demo["model"]["package"], jobs) == train.package_location
+    m = train.model
+    torch.manual_seed(0)
+    net = models.create(m.arch, in_channels=3, num_classes=m.num_classes, **m.args)
+    save_package(train.package_location, net.state_dict(), arch=m.arch, args=m.args,
+                 in_channels=3, num_classes=m.num_classes, class_names=m.class_names,
+                 normalize=train.normalize.model_dump(mode="json"))  # fmt: skip
+    files = sorted(jobs.glob("*.yaml"))
     assert files, f"no job files in {JOBS_DIR}"
     assert validate_files(files) == {str(f): [] for f in files}
 

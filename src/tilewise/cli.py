@@ -191,7 +191,13 @@ def _probe(*, model_name: str, args: argparse.Namespace, arch_args: dict[str, ob
 def _cmd_demo(args: argparse.Namespace) -> int:
     from tilewise.demo import run_demo
 
-    run_demo(workdir=args.workdir, size=args.size, progress=not args.no_progress)
+    run_demo(
+        workdir=args.workdir,
+        size=args.size,
+        progress=not args.no_progress,
+        steps=args.steps,
+        workers=args.workers,
+    )
     return 0
 
 
@@ -251,9 +257,20 @@ def _parser() -> argparse.ArgumentParser:
     mod.add_argument("--float32", action="store_true", help="probe in float32 (default float64)")
     mod.set_defaults(func=_cmd_models)
 
-    demo = sub.add_parser("demo", help="build a mosaic from a real IHC slide and segment it")
+    demo = sub.add_parser(
+        "demo",
+        help="train a U-Net on a real IHC slide with Ray Train, then segment a mosaic of it",
+    )
     demo.add_argument("--workdir", default="tilewise-demo", help="folder for data and results")
     demo.add_argument("--size", type=int, default=4096, help="mosaic side in pixels")
+    demo.add_argument(
+        "--steps", type=int, help="training steps (default: jobs/ihc-train.yaml's, 600)"
+    )
+    demo.add_argument(
+        "--workers",
+        type=int,
+        help="Ray Train workers, 0 = in this process (default 1; at most 3, one per shard)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
     return p

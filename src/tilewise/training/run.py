@@ -10,6 +10,7 @@ is Ray Train V2's resume-by-name; a finished run is not run again.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -200,6 +201,9 @@ def run_training(
     from tilewise.training.loop import train_loop
 
     t0 = time.perf_counter()
+    # Ray Train logs every report at INFO (in this process when workers is 0): the progress bar
+    # and metrics.jsonl say it once.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     config = prepare_training(job)
     total, per_epoch, root = config["steps"], config["per_epoch"], config["root"]
     summary = TrainSummary(
@@ -244,7 +248,8 @@ def run_training(
                 failure_config=FailureConfig(max_failures=3),
             ),
         )
-        result = trainer.fit()
+        with _Progress(job, root, total, enabled=progress):
+            result = trainer.fit()
         if result.error is not None:
             raise result.error
         _write_package(job, config)
@@ -256,6 +261,64 @@ def run_training(
     summary.seconds = round(time.perf_counter() - t0, 2)
     _fill_metrics(summary, job)
     return summary
+
+
+class _Progress:
+    """A progress bar fed from the run's metrics.jsonl (steps, loss, last validation), polled
+    from the driver: the workers may be other processes or machines."""
+
+    def __init__(self, job: TrainJob, root: str, total: int, *, enabled: bool) -> None:
+        import threading
+
+        self.job, self.root, self.total, self.enabled = job, root, total, enabled
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        from tilewise.training.checkpoints import CheckpointStore, read_metrics
+
+        store = CheckpointStore(self.root, self.job.data.storage_options)
+        key = f"val_{self.job.validation.metric}"
+        columns = (
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps  loss {task.fields[loss]}  {task.fields[val]}"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task(self.job.run_name, total=self.total, loss="-", val="")
+            while True:
+                stopping = self._stop.wait(1.0)
+                try:
+                    rows = read_metrics(store)
+                except (OSError, ValueError):  # a line being written: next time
+                    rows = []
+                if rows:
+                    scored = [r for r in rows if key in r]
+                    val = f"{key} {scored[-1][key]:.3f}" if scored else ""
+                    bar.update(task, completed=rows[-1]["step"],
+                               loss=f"{rows[-1]['loss']:.4f}", val=val)  # fmt: skip
+                if stopping:
+                    return
 
 
 def _write_package(job: TrainJob, config: dict[str, Any]) -> None:
