@@ -108,6 +108,12 @@ def test_in_process_training_learns_the_disks_and_its_package_predicts_them(
     manifest = yaml.safe_load((Path(summary.package) / "model.yaml").read_text())
     assert manifest["training"]["weights_of_step"] == summary.best["step"]
     assert manifest["normalize"]["mean"] == NORMALIZE["mean"]
+    # the curves and the TensorBoard log of the run (their contents: tests/training/test_report)
+    from PIL import Image
+
+    with Image.open(tmp_path / "runs/disks/curves.png") as png:
+        assert png.size[0] > 0 and png.size[1] > 0
+    assert list((tmp_path / "runs/disks/tensorboard").glob("events.out.tfevents.*"))
     # running the finished job again does nothing
     assert run_training(job, progress=False).status == "complete (already)"
 

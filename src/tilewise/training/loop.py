@@ -176,6 +176,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from tilewise.training.augment import Augment, AugmentConfig
     from tilewise.training.checkpoints import CheckpointStore, MetricsLog
     from tilewise.training.loader import PatchLoader
+    from tilewise.training.report import TensorBoardLog
     from tilewise.training.sampling import assign_shards, make_sampler
 
     job = TrainJob.model_validate(config["job"])
@@ -204,6 +205,12 @@ def train_loop(config: dict[str, Any]) -> None:
         start, best = int(state["step"]), float(state["best"])
     # steps after the checkpoint are computed again: their rows go
     log = MetricsLog(store, start) if rank == 0 else None
+    # TensorBoard scalars beside metrics.jsonl (local run folders only), resumed the same way
+    tensorboard = (
+        TensorBoardLog(f"{store.base}/tensorboard", resume_step=start)
+        if rank == 0 and store.local
+        else None
+    )
     net = prepare_model(model) if world > 1 else model.to(device)
     criterion = build_loss(job.loss).to(device)
     weighted = isinstance(criterion, WeightedCrossEntropy)
@@ -295,6 +302,8 @@ def train_loop(config: dict[str, Any]) -> None:
             if not save_now:
                 if log is not None:
                     log.add(metrics)
+                if tensorboard is not None:
+                    tensorboard.add(metrics)
                 continue
             loader_stats = loader.stats()
             metrics["loader_patches_per_s"] = loader_stats.get("patches_per_s", 0.0)
@@ -311,10 +320,15 @@ def train_loop(config: dict[str, Any]) -> None:
                 if log is not None:
                     log.add(metrics)
                     log.flush()
+                if tensorboard is not None:  # on disk up to the checkpoint before a resume
+                    tensorboard.add(metrics)
+                    tensorboard.flush()
             ray.train.report(metrics)  # collective: the ranks wait for the checkpoint
         _log_shards(store, rank, epoch, sampler, read)
     finally:
         loader.close()
+        if tensorboard is not None:
+            tensorboard.close()
         torch.set_num_threads(threads_before)
 
 

@@ -59,7 +59,7 @@ class TrainSummary:
             f"  loss     {loss:.4f} at the last step" if loss is not None else "  loss     -",
             f"  best     step {self.best.get('step', '-')}: {best or '-'}",
             f"  package  {self.package}",
-            f"  run      {self.run_dir} (metrics.jsonl, checkpoints)",
+            f"  run      {self.run_dir} (metrics.jsonl, curves.png, tensorboard/, checkpoints)",
         ]
 
 
@@ -253,6 +253,7 @@ def run_training(
         if result.error is not None:
             raise result.error
         _write_package(job, config)
+        _write_curves(job, root)
     finally:
         if started:
             import ray
@@ -356,6 +357,17 @@ def _write_package(job: TrainJob, config: dict[str, Any]) -> None:
         },
         overwrite=True,
     )
+
+
+def _write_curves(job: TrainJob, root: str) -> None:
+    """curves.png in the run folder: loss, learning rate and validation metrics over steps."""
+    from tilewise.training.checkpoints import CheckpointStore, read_metrics
+    from tilewise.training.report import curves_png
+
+    store = CheckpointStore(root, job.data.storage_options)
+    rows = read_metrics(store)
+    if rows:
+        store.fs.pipe_file(f"{store.base}/curves.png", curves_png(rows, title=job.run_name))
 
 
 def _fill_metrics(summary: TrainSummary, job: TrainJob) -> None:
