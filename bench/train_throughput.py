@@ -168,9 +168,14 @@ def main() -> None:
                         help="probability of U-Net's elastic deformation per patch")  # fmt: skip
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as torch has)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--cache-mb", type=int, default=256, help="decoded chunks kept (data.cache_mb); 0 = none"
+    )
     args = parser.parse_args()
 
-    from tilewise.training.shards import open_shards
+    from tilewise.training.shards import CHUNK_CACHE, open_shards
+
+    CHUNK_CACHE.reset(args.cache_mb * 2**20)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,7 +191,9 @@ def main() -> None:
     print(
         f"{args.shards} shards of 3x{args.size}^2 uint8 (IHC, chunks {args.chunk}, zstd); "
         f"unet_same depth {args.depth} width {args.base_width}, patch {args.patch}, Adam; "
-        f"{args.workers} loader thread(s), prefetch {args.prefetch}; {name}"
+        f"{args.workers} loader thread(s), prefetch {args.prefetch}, chunk cache "
+        f"{args.cache_mb} MB (the shards hold {args.shards * 3 * args.size**2 / 2**20:.0f} MB); "
+        f"{name}"
     )
     print(
         f"{args.pairs} pairs of runs per batch size, zarr and memory back to back (alternating "

@@ -779,6 +779,14 @@ class TrainDataSpec(BaseModel):
     storage_options: dict[str, Any] | None = Field(
         default=None, description="fsspec options (credentials, endpoints) for shard URIs."
     )
+    cache_mb: int = Field(
+        default=256,
+        ge=0,
+        description=(
+            "Decoded shard chunks each worker keeps, in MB (patches overlap chunks that other "
+            "patches decoded already); 0 = decode every patch's chunks anew."
+        ),
+    )
 
     @field_validator("shards", "val_shards")
     @classmethod

@@ -217,3 +217,33 @@ def test_in_memory_shard_reads_like_the_zarr_one(tmp_path: Path) -> None:
     image, _, _ = memory.read(0, 2, 0, 2)
     image[:] = 0  # a copy: the held image stays
     assert memory.image[:, 0:2, 0:2].any()
+
+
+@pytest.mark.parametrize("budget", [0, 3 * 16 * 20, 10**8])
+def test_reads_through_the_chunk_cache_equal_plain_slices(tmp_path: Path, budget: int) -> None:
+    from tilewise.training.shards import CHUNK_CACHE
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 255, (3, 50, 70)).astype(np.uint8)
+    label = rng.integers(0, 3, (50, 70)).astype(np.uint8)
+    weight = rng.random((50, 70)).astype(np.float32)
+    group = zarr.open_group(tmp_path / "s.zarr", mode="w")
+    group.create_array("image", data=image, chunks=(3, 16, 20))
+    group.create_array("label", data=label, chunks=(16, 20))
+    group.create_array("weight", data=weight, chunks=(16, 20))
+    (shard,) = open_shards([str(tmp_path / "s.zarr")], num_classes=3, patch_size=8)
+    before = CHUNK_CACHE.budget
+    CHUNK_CACHE.set_budget(budget)  # 0: off; one image block: evicted mid-read; all of it
+    try:
+        for _ in range(40):
+            y0, x0 = int(rng.integers(0, 42)), int(rng.integers(0, 62))
+            h, w = int(rng.integers(1, 51 - y0)), int(rng.integers(1, 71 - x0))
+            got_image, got_label, got_weight = shard.read(y0, y0 + h, x0, x0 + w)
+            assert np.array_equal(got_image, image[:, y0 : y0 + h, x0 : x0 + w])
+            assert np.array_equal(got_label, label[y0 : y0 + h, x0 : x0 + w])
+            assert got_weight is not None
+            assert np.array_equal(got_weight, weight[y0 : y0 + h, x0 : x0 + w])
+            got_image[:] = 0  # callers own what they get: the kept blocks stay intact
+        assert CHUNK_CACHE.nbytes <= budget
+    finally:
+        CHUNK_CACHE.set_budget(before)

@@ -178,8 +178,10 @@ def train_loop(config: dict[str, Any]) -> None:
     from tilewise.training.loader import PatchLoader
     from tilewise.training.report import TensorBoardLog
     from tilewise.training.sampling import assign_shards, make_sampler
+    from tilewise.training.shards import CHUNK_CACHE
 
     job = TrainJob.model_validate(config["job"])
+    CHUNK_CACHE.reset(job.data.cache_mb * 2**20)
     train_shards, val_shards = config["train_shards"], config["val_shards"]
     in_channels, total, per_epoch = config["in_channels"], config["steps"], config["per_epoch"]
     ctx = ray.train.get_context()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import math
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ from tilewise.pipeline.stores import is_url, local_path, open_node
 from tilewise.spec import is_pattern
 
 __all__ = [
+    "CHUNK_CACHE",
+    "ChunkCache",
     "InMemoryShard",
     "Shard",
     "expand_locations",
@@ -96,6 +99,90 @@ def expand_locations(
             f"nothing: {named}. Check the folder and the pattern (e.g. data/train/*.zarr)."
         )
     return found
+
+
+class ChunkCache:
+    """Decoded chunks of the shards' arrays, least recently used first out, within a budget.
+
+    A 128 px patch of a 256 px-chunked shard decodes up to four chunks: 16 times the pixels it
+    keeps. Patches are drawn again and again from the same shards, so a worker keeps what it
+    decoded (``data.cache_mb`` of a train job; one cache per process, shared by the loader's
+    threads). 0 turns it off.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.lock = threading.Lock()
+        self.blocks: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """Change the budget (dropping what no longer fits)."""
+        with self.lock:
+            self.budget = budget_bytes
+            self._evict()
+
+    def reset(self, budget_bytes: int) -> None:
+        """Forget every block and take a new budget: each training run starts empty, so a
+        shard rewritten at the same path between two runs in one process is read afresh."""
+        with self.lock:
+            self.blocks.clear()
+            self.nbytes = 0
+            self.budget = budget_bytes
+
+    def _evict(self) -> None:
+        while self.blocks and self.nbytes > self.budget:
+            _, old = self.blocks.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def get(self, key: tuple[Any, ...], load: Any) -> np.ndarray:
+        """The block under ``key``; ``load()`` decodes it when it is not kept."""
+        with self.lock:
+            block = self.blocks.get(key)
+            if block is not None:
+                self.blocks.move_to_end(key)
+                self.hits += 1
+                return block
+            self.misses += 1
+        block = load()  # decoded outside the lock: two threads may decode one block, harmlessly
+        if block.nbytes <= self.budget:
+            with self.lock:
+                if key not in self.blocks:
+                    self.blocks[key] = block
+                    self.nbytes += block.nbytes
+                    self._evict()
+        return block
+
+
+#: The process's chunk cache (256 MB until a training job sets ``data.cache_mb``).
+CHUNK_CACHE = ChunkCache(256 * 2**20)
+
+
+def _read_window(
+    array: Any, key: tuple[Any, ...], y0: int, y1: int, x0: int, x1: int
+) -> np.ndarray:
+    """``array[..., y0:y1, x0:x1]`` assembled from whole decoded chunks kept in CHUNK_CACHE."""
+    if CHUNK_CACHE.budget <= 0:
+        return np.asarray(array[..., y0:y1, x0:x1])
+    ch, cw = (int(n) for n in array.chunks[-2:])
+    height, width = (int(n) for n in array.shape[-2:])
+    out = np.empty((*array.shape[:-2], y1 - y0, x1 - x0), dtype=array.dtype)
+    for by in range(y0 // ch, (y1 - 1) // ch + 1):
+        for bx in range(x0 // cw, (x1 - 1) // cw + 1):
+            by0, bx0 = by * ch, bx * cw
+            block = CHUNK_CACHE.get(
+                (*key, by, bx),
+                lambda by0=by0, bx0=bx0: np.asarray(
+                    array[..., by0 : min(height, by0 + ch), bx0 : min(width, bx0 + cw)]
+                ),
+            )
+            ya, yb = max(y0, by0), min(y1, by0 + ch)
+            xa, xb = max(x0, bx0), min(x1, bx0 + cw)
+            out[..., ya - y0 : yb - y0, xa - x0 : xb - x0] = block[
+                ..., ya - by0 : yb - by0, xa - bx0 : xb - bx0
+            ]
+    return out
 
 
 class _Cache:
@@ -175,11 +262,13 @@ class Shard:
         weight (h, w) float32, or ``None`` when the shard has none or ``with_weight`` is false."""
         _check_window(self.shape, y0, y1, x0, x1)
         arrays = self._arrays()
-        image = np.asarray(arrays["image"][:, y0:y1, x0:x1])
-        label = np.asarray(arrays["label"][y0:y1, x0:x1])
+        image = _read_window(arrays["image"], (self.location, "image"), y0, y1, x0, x1)
+        label = _read_window(arrays["label"], (self.location, "label"), y0, y1, x0, x1)
         weight = None
         if self.has_weight and with_weight:
-            weight = np.asarray(arrays["weight"][y0:y1, x0:x1], dtype=np.float32)
+            weight = _read_window(
+                arrays["weight"], (self.location, "weight"), y0, y1, x0, x1
+            ).astype(np.float32, copy=False)
         return image, label, weight
 
     def label_blocks(self) -> Iterator[tuple[int, int, np.ndarray]]:
