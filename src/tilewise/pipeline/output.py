@@ -79,6 +79,43 @@ def _ome_image(name: str, axes: list[dict[str, str]], scale: list[float] | None)
     }
 
 
+# Colours of classes 0, 1, ... (RGBA), cycled: distinct on a slide or a map, class 0 dark.
+CLASS_COLOURS: tuple[tuple[int, int, int, int], ...] = (
+    (0, 0, 0, 255),
+    (230, 25, 75, 255),
+    (60, 180, 75, 255),
+    (0, 130, 200, 255),
+    (255, 225, 25, 255),
+    (145, 30, 180, 255),
+    (70, 240, 240, 255),
+    (245, 130, 48, 255),
+    (240, 50, 230, 255),
+    (210, 245, 60, 255),
+    (0, 128, 128, 255),
+    (170, 110, 40, 255),
+    (128, 0, 0, 255),
+    (0, 0, 128, 255),
+    (128, 128, 0, 255),
+    (250, 190, 212, 255),
+)
+
+
+def class_colours(num_classes: int) -> list[list[int]]:
+    """RGBA colours of ``num_classes`` classes (the palette cycled)."""
+    return [list(CLASS_COLOURS[k % len(CLASS_COLOURS)]) for k in range(num_classes)]
+
+
+def image_label(num_classes: int, class_names: list[str] | None) -> dict[str, Any]:
+    """OME-Zarr 0.5 ``image-label`` metadata: a colour and a name per class value."""
+    names = class_names or [f"class {k}" for k in range(num_classes)]
+    colours = class_colours(num_classes)
+    return {
+        "version": "0.5",
+        "colors": [{"label-value": k, "rgba": colours[k]} for k in range(num_classes)],
+        "properties": [{"label-value": k, "name": names[k]} for k in range(num_classes)],
+    }
+
+
 class OutputStore:
     """An output store opened for writing units (one per actor, one for the driver)."""
 
@@ -150,7 +187,9 @@ class OutputStore:
         yx = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
         if layout.labels:
             g = root.create_group("labels")
-            g.attrs.update({"ome": _ome_image("labels", yx, layout.scale), **carried})
+            ome = _ome_image("labels", yx, layout.scale)
+            ome["image-label"] = image_label(layout.num_classes, layout.class_names)
+            g.attrs.update({"ome": ome, **carried})
             g.create_array(
                 "0",
                 shape=(layout.height, layout.width),
