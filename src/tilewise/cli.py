@@ -1,4 +1,5 @@
-"""The ``tilewise`` command: run [--plan] | submit | validate | schema | models [--probe] | demo.
+"""The ``tilewise`` command: run [--plan] | submit | validate | schema | models [--probe] | demo |
+ingest | export.
 
 User mistakes (:class:`~tilewise.errors.TilewiseError`) print as one clear line per problem and
 exit with status 2; they never show a traceback. Anything else is a bug and keeps its traceback.
@@ -47,6 +48,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict()))
     else:
         print("\n".join(report.lines()))
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from tilewise.io.ingest import ingest
+
+    report = ingest(
+        args.src,
+        args.dst,
+        overwrite=args.overwrite,
+        chunk=args.chunk,
+        levels=args.levels,
+        workers=args.workers,
+    )
+    print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from tilewise.io.export import export
+
+    report = export(
+        args.output, args.dst, what=args.what, fmt=args.format, overwrite=args.overwrite
+    )
+    print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
     return 0
 
 
@@ -273,6 +299,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.set_defaults(func=_cmd_demo)
+
+    ing = sub.add_parser(
+        "ingest",
+        help="convert a GeoTIFF/COG, slide (TIFF, SVS, OME-TIFF) or PNG into OME-Zarr",
+    )
+    ing.add_argument("src", help="the image file")
+    ing.add_argument("dst", help="the OME-Zarr image to write (DST.zarr)")
+    ing.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    ing.add_argument("--chunk", type=int, default=1024, help="chunk side in px (default 1024)")
+    ing.add_argument("--levels", type=int, help="pyramid levels (default: down to ~512 px)")
+    ing.add_argument("--workers", type=int, help="reader threads (default up to 4)")
+    ing.add_argument("--json", action="store_true", help="print the report as JSON")
+    ing.set_defaults(func=_cmd_ingest)
+
+    exp = sub.add_parser(
+        "export",
+        help="write a finished output as a COG (.tif) or a pyramidal OME-TIFF (.ome.tif)",
+    )
+    exp.add_argument("output", help="the output store of a predict job (OUT.zarr)")
+    exp.add_argument("dst", help="the file to write: .tif = COG, .ome.tif = OME-TIFF")
+    exp.add_argument(
+        "--what", choices=["labels", "probabilities"], default="labels", help="which image"
+    )
+    exp.add_argument(
+        "--format", choices=["cog", "ome-tiff"], help="the format (default: from the extension)"
+    )
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    exp.add_argument("--json", action="store_true", help="print the report as JSON")
+    exp.set_defaults(func=_cmd_export)
     return p
 
 

@@ -35,3 +35,11 @@ def test_labels_carry_class_names_and_colours_as_ome_image_label(tmp_path: Path)
     }  # fmt: skip
     for k in range(3):  # the reader gives colours as 0..1 floats
         assert node.metadata["color"][k] == [v / 255 for v in CLASS_COLOURS[k]]
+
+
+def test_a_sigmoid_network_labels_background_and_its_class() -> None:
+    from tilewise.pipeline.output import image_label
+
+    label = image_label(1, ["tumour"])
+    assert [p["name"] for p in label["properties"]] == ["background", "tumour"]
+    assert [c["label-value"] for c in label["colors"]] == [0, 1]

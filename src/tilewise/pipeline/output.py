@@ -106,13 +106,20 @@ def class_colours(num_classes: int) -> list[list[int]]:
 
 
 def image_label(num_classes: int, class_names: list[str] | None) -> dict[str, Any]:
-    """OME-Zarr 0.5 ``image-label`` metadata: a colour and a name per class value."""
-    names = class_names or [f"class {k}" for k in range(num_classes)]
-    colours = class_colours(num_classes)
+    """OME-Zarr 0.5 ``image-label`` metadata: a colour and a name per label value.
+
+    A network with one score map (a sigmoid) labels pixels 0 or 1: value 1 is its class and
+    value 0 the background.
+    """
+    if num_classes == 1:
+        names = ["background", (class_names or ["class 1"])[0]]
+    else:
+        names = class_names or [f"class {k}" for k in range(num_classes)]
+    colours = class_colours(len(names))
     return {
         "version": "0.5",
-        "colors": [{"label-value": k, "rgba": colours[k]} for k in range(num_classes)],
-        "properties": [{"label-value": k, "name": names[k]} for k in range(num_classes)],
+        "colors": [{"label-value": k, "rgba": colours[k]} for k in range(len(names))],
+        "properties": [{"label-value": k, "name": names[k]} for k in range(len(names))],
     }
 
 
