@@ -38,3 +38,39 @@ def test_geotiff_ingest_predict_export_keeps_the_georeferencing(
         assert b.crs == a.crs and b.transform == a.transform
         assert (b.width, b.height) == (a.width, a.height)
         assert b.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"  # GDAL saw the COG header
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_ihc_slide_ingest_predict_export_keeps_the_pixel_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tifffile
+    import zarr
+    from skimage.data import immunohistochemistry
+
+    rgb = immunohistochemistry()  # (512, 512, 3) uint8, a real IHC section
+    slide = tmp_path / "ihc.ome.tif"
+    with tifffile.TiffWriter(slide, ome=True) as tif:  # a two-level pyramidal slide, 0.5 µm
+        meta = {"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5,
+                "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}  # fmt: skip
+        tif.write(rgb, subifds=1, tile=(128, 128), photometric="rgb", metadata=meta)
+        tif.write(rgb[::2, ::2], subfiletype=1, tile=(128, 128), photometric="rgb")
+    assert main(["ingest", str(slide), str(tmp_path / "ihc.zarr"), "--chunk", "256"]) == 0
+    (tmp_path / "job.yaml").write_text(
+        "kind: predict\n"
+        "input: {path: ihc.zarr}\n"
+        "model: {arch: unet_same, num_classes: 3, args: {depth: 2, base_width: 4}}\n"
+        "tiling: {tile: 128}\n"
+        "output: {path: seg.zarr, labels: uint8, chunk: 256}\n"
+    )
+    assert main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 0
+    out = zarr.open_group(tmp_path / "seg.zarr", mode="r")
+    scale = out["labels"].attrs["ome"]["multiscales"][0]["datasets"][0]
+    assert scale["coordinateTransformations"][0]["scale"] == [0.5, 0.5]
+    assert main(["export", str(tmp_path / "seg.zarr"), str(tmp_path / "seg.ome.tif")]) == 0
+    capsys.readouterr()
+    with tifffile.TiffFile(tmp_path / "seg.ome.tif") as tif:
+        assert tif.series[0].shape == (512, 512)
+        assert np.array_equal(tif.series[0].asarray(), out["labels/0"][:])
+        pixels = tif.ome_metadata
+        assert pixels is not None and 'PhysicalSizeX="0.5"' in pixels
