@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from typing import Any, Literal
 
 import numpy as np
@@ -11,7 +13,7 @@ import zarr
 
 from tilewise.errors import InputError, StoreNotFoundError
 
-__all__ = ["Axes", "InputImage", "is_url", "local_path"]
+__all__ = ["Axes", "BlockCache", "InputImage", "is_url", "local_path", "read_blocked"]
 
 Axes = Literal["cyx", "yxc", "yx"]
 _AXES_FOR_NDIM = {2: "yx", 3: "cyx or yxc"}
@@ -62,6 +64,91 @@ def _axes_from_names(names: list[str] | None) -> str | None:
         return None
     axes = "".join(m for m in mapped if m)
     return axes if axes in ("cyx", "yxc", "yx") else None
+
+
+class BlockCache:
+    """Decoded chunk blocks, least recently used first out, within a byte budget (and, when
+    given, a count). Thread-safe: a loader's or an actor's threads share one.
+
+    Readers key blocks however they like (a shard's arrays, an image's block grid) and give
+    :meth:`get` the function that decodes a block when it is not kept.
+    """
+
+    def __init__(self, budget_bytes: int, max_blocks: int | None = None) -> None:
+        self.budget = budget_bytes
+        self.max_blocks = max_blocks
+        self.lock = threading.Lock()
+        self.blocks: OrderedDict[Hashable, np.ndarray] = OrderedDict()
+        self.nbytes = 0
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def set_budget(self, budget_bytes: int) -> None:
+        """Change the budget (dropping what no longer fits)."""
+        with self.lock:
+            self.budget = budget_bytes
+            self._evict()
+
+    def reset(self, budget_bytes: int) -> None:
+        """Forget every block and take a new budget."""
+        with self.lock:
+            self.blocks.clear()
+            self.nbytes = 0
+            self.budget = budget_bytes
+
+    def _evict(self) -> None:
+        limit = self.max_blocks if self.max_blocks is not None else len(self.blocks)
+        while self.blocks and (self.nbytes > self.budget or len(self.blocks) > limit):
+            _, old = self.blocks.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+    def get(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
+        """The block under ``key``; ``load()`` decodes it when it is not kept."""
+        with self.lock:
+            block = self.blocks.get(key)
+            if block is not None:
+                self.blocks.move_to_end(key)
+                self.hits += 1
+                return block
+            self.misses += 1
+        block = load()  # decoded outside the lock: two threads may decode one block, harmlessly
+        if block.nbytes <= self.budget:
+            with self.lock:
+                if key not in self.blocks:
+                    self.blocks[key] = block
+                    self.nbytes += block.nbytes
+                    self._evict()
+        return block
+
+
+def read_blocked(
+    leading: tuple[int, ...],
+    dtype: Any,
+    window: tuple[int, int, int, int],
+    block_shape: tuple[int, int],
+    block: Callable[[int, int], np.ndarray],
+) -> np.ndarray:
+    """Pixels ``[..., y0:y1, x0:x1]`` assembled from whole blocks of a block grid.
+
+    ``block(by, bx)`` gives block ``(by, bx)`` of the grid of ``block_shape`` blocks (clipped at
+    the image edge), with the ``leading`` dimensions first; the result is a new array the caller
+    owns, so kept blocks are never handed out.
+    """
+    y0, y1, x0, x1 = window
+    ch, cw = block_shape
+    out = np.empty((*leading, y1 - y0, x1 - x0), dtype=dtype)
+    for by in range(y0 // ch, (y1 - 1) // ch + 1):
+        for bx in range(x0 // cw, (x1 - 1) // cw + 1):
+            data = block(by, bx)
+            by0, bx0 = by * ch, bx * cw
+            ya, yb = max(y0, by0), min(y1, by0 + ch)
+            xa, xb = max(x0, bx0), min(x1, bx0 + cw)
+            out[..., ya - y0 : yb - y0, xa - x0 : xb - x0] = data[
+                ..., ya - by0 : yb - by0, xa - bx0 : xb - bx0
+            ]
+    return out
 
 
 class InputImage:
@@ -180,48 +267,26 @@ class InputImage:
         for an interior 1024 px unit of a zstd RGB mosaic). The next unit along the row shares
         six of them: with the last 12 blocks kept, an actor walking a row decodes three.
         """
-        self._keep = blocks
-        self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._blocks_lock = threading.Lock()
+        self._blocks = BlockCache(sys.maxsize, max_blocks=blocks) if blocks else None
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels ``[:, y0:y1, x0:x1]`` as a (C, h, w) array."""
-        if getattr(self, "_keep", 0):
-            return self._read_blocks(y0, y1, x0, x1)
-        return self._read(y0, y1, x0, x1)
-
-    def _block_shape(self) -> tuple[int, int]:
+        cache: BlockCache | None = getattr(self, "_blocks", None)
+        if cache is None:
+            return self._read(y0, y1, x0, x1)
         chunks = tuple(int(c) for c in self.array.chunks)
-        return (chunks[1], chunks[2]) if self.axes == "cyx" else (chunks[0], chunks[1])
-
-    def _block(self, by: int, bx: int) -> np.ndarray:
-        with self._blocks_lock:
-            block = self._blocks.get((by, bx))
-            if block is not None:
-                self._blocks.move_to_end((by, bx))
-                return block
-        ch, cw = self._block_shape()
+        ch, cw = (chunks[1], chunks[2]) if self.axes == "cyx" else (chunks[0], chunks[1])
         _, height, width = self.shape
-        # Decoded outside the lock: two threads may decode one block twice, harmlessly.
-        block = self._read(by * ch, min(height, (by + 1) * ch), bx * cw, min(width, (bx + 1) * cw))
-        with self._blocks_lock:
-            self._blocks[(by, bx)] = block
-            while len(self._blocks) > self._keep:
-                self._blocks.popitem(last=False)
-        return block
 
-    def _read_blocks(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        ch, cw = self._block_shape()
-        out = np.empty((self.shape[0], y1 - y0, x1 - x0), dtype=self.dtype)
-        for by in range(y0 // ch, (y1 - 1) // ch + 1):
-            for bx in range(x0 // cw, (x1 - 1) // cw + 1):
-                block = self._block(by, bx)
-                ya, yb = max(y0, by * ch), min(y1, (by + 1) * ch)
-                xa, xb = max(x0, bx * cw), min(x1, (bx + 1) * cw)
-                out[:, ya - y0 : yb - y0, xa - x0 : xb - x0] = block[
-                    :, ya - by * ch : yb - by * ch, xa - bx * cw : xb - bx * cw
-                ]
-        return out
+        def block(by: int, bx: int) -> np.ndarray:
+            return cache.get(
+                (by, bx),
+                lambda: self._read(
+                    by * ch, min(height, (by + 1) * ch), bx * cw, min(width, (bx + 1) * cw)
+                ),
+            )
+
+        return read_blocked((self.shape[0],), self.dtype, (y0, y1, x0, x1), (ch, cw), block)
 
     def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         if self.axes == "cyx":

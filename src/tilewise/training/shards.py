@@ -19,7 +19,6 @@ from __future__ import annotations
 import glob
 import math
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,12 +27,11 @@ import numpy as np
 import zarr
 
 from tilewise.errors import ConfigError, InputError
-from tilewise.pipeline.stores import is_url, local_path, open_node
+from tilewise.pipeline.stores import BlockCache, is_url, local_path, open_node, read_blocked
 from tilewise.spec import is_pattern
 
 __all__ = [
     "CHUNK_CACHE",
-    "ChunkCache",
     "InMemoryShard",
     "Shard",
     "expand_locations",
@@ -101,62 +99,12 @@ def expand_locations(
     return found
 
 
-class ChunkCache:
-    """Decoded chunks of the shards' arrays, least recently used first out, within a budget.
-
-    A 128 px patch of a 256 px-chunked shard decodes up to four chunks: 16 times the pixels it
-    keeps. Patches are drawn again and again from the same shards, so a worker keeps what it
-    decoded (``data.cache_mb`` of a train job; one cache per process, shared by the loader's
-    threads). 0 turns it off.
-    """
-
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget = budget_bytes
-        self.lock = threading.Lock()
-        self.blocks: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
-        self.nbytes = 0
-        self.hits = self.misses = 0
-
-    def set_budget(self, budget_bytes: int) -> None:
-        """Change the budget (dropping what no longer fits)."""
-        with self.lock:
-            self.budget = budget_bytes
-            self._evict()
-
-    def reset(self, budget_bytes: int) -> None:
-        """Forget every block and take a new budget: each training run starts empty, so a
-        shard rewritten at the same path between two runs in one process is read afresh."""
-        with self.lock:
-            self.blocks.clear()
-            self.nbytes = 0
-            self.budget = budget_bytes
-
-    def _evict(self) -> None:
-        while self.blocks and self.nbytes > self.budget:
-            _, old = self.blocks.popitem(last=False)
-            self.nbytes -= old.nbytes
-
-    def get(self, key: tuple[Any, ...], load: Any) -> np.ndarray:
-        """The block under ``key``; ``load()`` decodes it when it is not kept."""
-        with self.lock:
-            block = self.blocks.get(key)
-            if block is not None:
-                self.blocks.move_to_end(key)
-                self.hits += 1
-                return block
-            self.misses += 1
-        block = load()  # decoded outside the lock: two threads may decode one block, harmlessly
-        if block.nbytes <= self.budget:
-            with self.lock:
-                if key not in self.blocks:
-                    self.blocks[key] = block
-                    self.nbytes += block.nbytes
-                    self._evict()
-        return block
-
-
-#: The process's chunk cache (256 MB until a training job sets ``data.cache_mb``).
-CHUNK_CACHE = ChunkCache(256 * 2**20)
+#: Decoded chunks of the shards' arrays, shared by the process's loader threads. A 128 px
+#: patch of a 256 px-chunked shard decodes up to four chunks: 16 times the pixels it keeps, and
+#: patches are drawn again and again from the same shards. 256 MB until a train job sets
+#: ``data.cache_mb`` (each run starts empty: ``CHUNK_CACHE.reset``, so a shard rewritten at the
+#: same path between two runs in one process is read afresh); 0 turns it off.
+CHUNK_CACHE = BlockCache(256 * 2**20)
 
 
 def _read_window(
@@ -167,22 +115,19 @@ def _read_window(
         return np.asarray(array[..., y0:y1, x0:x1])
     ch, cw = (int(n) for n in array.chunks[-2:])
     height, width = (int(n) for n in array.shape[-2:])
-    out = np.empty((*array.shape[:-2], y1 - y0, x1 - x0), dtype=array.dtype)
-    for by in range(y0 // ch, (y1 - 1) // ch + 1):
-        for bx in range(x0 // cw, (x1 - 1) // cw + 1):
-            by0, bx0 = by * ch, bx * cw
-            block = CHUNK_CACHE.get(
-                (*key, by, bx),
-                lambda by0=by0, bx0=bx0: np.asarray(
-                    array[..., by0 : min(height, by0 + ch), bx0 : min(width, bx0 + cw)]
-                ),
-            )
-            ya, yb = max(y0, by0), min(y1, by0 + ch)
-            xa, xb = max(x0, bx0), min(x1, bx0 + cw)
-            out[..., ya - y0 : yb - y0, xa - x0 : xb - x0] = block[
-                ..., ya - by0 : yb - by0, xa - bx0 : xb - bx0
-            ]
-    return out
+
+    def block(by: int, bx: int) -> np.ndarray:
+        return CHUNK_CACHE.get(
+            (*key, by, bx),
+            lambda: np.asarray(
+                array[
+                    ..., by * ch : min(height, (by + 1) * ch), bx * cw : min(width, (bx + 1) * cw)
+                ]
+            ),
+        )
+
+    leading = tuple(int(n) for n in array.shape[:-2])
+    return read_blocked(leading, array.dtype, (y0, y1, x0, x1), (ch, cw), block)
 
 
 class _Cache:
