@@ -516,6 +516,36 @@ class _RuleError(ValueError):
         super().__init__("\n".join(f"{_dotted(loc)}: {message}" for loc, message in problems))
 
 
+Problems = list[tuple[tuple[str | int, ...], str]]
+
+
+def _class_name_problems(model: ModelSpec | TrainModelSpec) -> Problems:
+    """One name per class, when names are given (predict and train jobs alike)."""
+    if model.class_names is None or len(model.class_names) == model.num_classes:
+        return []
+    return [
+        (
+            ("model", "class_names"),
+            f"must have one name per class ({model.num_classes}, num_classes); got "
+            f"{len(model.class_names)} names.",
+        )
+    ]
+
+
+def _unknown_arg_problems(model: ModelSpec | TrainModelSpec) -> Problems:
+    """``model.args`` keys the architecture does not take, with the ones it does."""
+    allowed = entry(model.arch).arg_names()
+    return [
+        (
+            ("model", "args", key),
+            f"unknown argument '{key}' for arch '{model.arch}'.{did_you_mean(key, allowed)} "
+            f"It takes: {', '.join(allowed) or 'no arguments'}.",
+        )
+        for key in model.args
+        if key not in allowed
+    ]
+
+
 class PredictJob(BaseModel):
     """Segment one image with one network, tile by tile, into an OME-Zarr output."""
 
@@ -617,14 +647,7 @@ class PredictJob(BaseModel):
         problems: list[tuple[tuple[str | int, ...], str]] = []
         model, output = self.model, self.output
 
-        if model.class_names is not None and len(model.class_names) != model.num_classes:
-            problems.append(
-                (
-                    ("model", "class_names"),
-                    f"must have one name per class ({model.num_classes}, num_classes); got "
-                    f"{len(model.class_names)} names.",
-                )
-            )
+        problems.extend(_class_name_problems(model))
         norm = self.input.normalize
         if norm.mean is not None and norm.std is not None and len(norm.mean) != len(norm.std):
             problems.append(
@@ -687,17 +710,8 @@ class PredictJob(BaseModel):
                 )
             )
 
-        allowed = entry(model.arch).arg_names()
-        unknown = [key for key in model.args if key not in allowed]
-        for key in unknown:
-            problems.append(
-                (
-                    ("model", "args", key),
-                    f"unknown argument '{key}' for arch '{model.arch}'."
-                    f"{did_you_mean(key, allowed)} "
-                    f"It takes: {', '.join(allowed) or 'no arguments'}.",
-                )
-            )
+        unknown = _unknown_arg_problems(model)
+        problems.extend(unknown)
         if not unknown:
             problems.extend(self._tiling_problems())
 
@@ -1047,14 +1061,7 @@ class TrainJob(BaseModel):
                     f"steps {_show(self.steps)} and epochs {_show(self.epochs)}.",
                 )
             )
-        if model.class_names is not None and len(model.class_names) != model.num_classes:
-            problems.append(
-                (
-                    ("model", "class_names"),
-                    f"must have one name per class ({model.num_classes}, num_classes); got "
-                    f"{len(model.class_names)} names.",
-                )
-            )
+        problems.extend(_class_name_problems(model))
         if self.data.ignore_index < model.num_classes:
             problems.append(
                 (
@@ -1075,17 +1082,8 @@ class TrainJob(BaseModel):
             problems.append(
                 (("schedule", "step_size"), "schedule 'step' needs step_size (steps per decay).")
             )
-        allowed = entry(model.arch).arg_names()
-        unknown = [key for key in model.args if key not in allowed]
-        for key in unknown:
-            problems.append(
-                (
-                    ("model", "args", key),
-                    f"unknown argument '{key}' for arch '{model.arch}'."
-                    f"{did_you_mean(key, allowed)} "
-                    f"It takes: {', '.join(allowed) or 'no arguments'}.",
-                )
-            )
+        unknown = _unknown_arg_problems(model)
+        problems.extend(unknown)
         if not unknown:
             try:
                 arch_facts = facts(
