@@ -37,6 +37,7 @@ import threading
 import time
 import uuid
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
@@ -160,7 +161,7 @@ class IngestReport:
 # -- sources ---------------------------------------------------------------------------------
 
 
-class _Source:
+class _Source(ABC):
     """A (C, H, W) image with one or more resolution levels, read window by window from any
     thread; subclasses open one reader handle per thread."""
 
@@ -201,8 +202,9 @@ class _Source:
                 f"truncated. Re-download or re-export it, then run ingest again."
             ) from exc
 
+    @abstractmethod
     def _read(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        raise NotImplementedError
+        """The reader's own windowed read (each subclass: rasterio or tifffile)."""
 
     def environment(self, workers: int) -> AbstractContextManager[Any]:
         """Settings the reads run under (none by default)."""
