@@ -103,6 +103,7 @@ def validate(
     network's exact halo), so a shard is never held whole, and compared with its labels.
     """
     from tilewise.pipeline.engine import TileEngine, TilePlan
+    from tilewise.pipeline.postprocess import argmax_classes
     from tilewise.pipeline.units import UnitGrid
 
     facts = _facts(job, shards[0].shape[0])
@@ -132,10 +133,8 @@ def validate(
             )
             for unit in UnitGrid(shard.height, shard.width, max(tile, 512 // tile * tile)):
                 scores = engine.compute_unit(engine.read_unit(source, unit), unit)
-                from tilewise.pipeline.postprocess import argmax_classes
-
                 pred = argmax_classes(scores).cpu().numpy()
-                _, label, _ = shard.read(unit.y0, unit.y1, unit.x0, unit.x1)
+                label = shard.read_array("label", unit.y0, unit.y1, unit.x0, unit.x1)
                 confusion.update(pred, label.astype(np.int64))
     finally:
         model.train(was_training)
@@ -163,7 +162,7 @@ class _ShardImage:
         self.dtype = shard.dtype
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        image, _, _ = self.shard.read(y0, y1, x0, x1)
+        image: np.ndarray = self.shard.read_array("image", y0, y1, x0, x1)
         return image
 
 

@@ -216,6 +216,12 @@ class Shard:
             ).astype(np.float32, copy=False)
         return image, label, weight
 
+    def read_array(self, name: str, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """One array's pixels ``[..., y0:y1, x0:x1]`` ('image' or 'label'), in its dtype:
+        validation reads the image with its halo and the labels without."""
+        _check_window(self.shape, y0, y1, x0, x1)
+        return _read_window(self._arrays()[name], (self.location, name), y0, y1, x0, x1)
+
     def label_blocks(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """The label array as ``(y0, x0, block)`` blocks, about 4 Mpx each, aligned to its chunks
         (so that no chunk is decoded twice), in row-major order."""
