@@ -501,3 +501,16 @@ def test_which_addresses_are_this_machine() -> None:
     assert _is_this_machine("auto")
     assert not _is_this_machine("http://198.51.100.7:8265")  # TEST-NET-2, never local
     assert not _is_this_machine("https://head.example.org:8265")
+
+
+def test_ctrl_c_hook_drops_only_an_abandoned_event_loops_finaliser_error() -> None:
+    import asyncio
+    import types
+
+    from tilewise.submit import _quiet_event_loop_finaliser
+
+    passed: list[object] = []
+    hook = _quiet_event_loop_finaliser(lambda u: passed.append(u.object))
+    for obj in (asyncio.BaseEventLoop.__del__, print):
+        hook(types.SimpleNamespace(object=obj, exc_type=RuntimeError))  # type: ignore[arg-type]
+    assert passed == [print]

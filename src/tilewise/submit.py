@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -572,15 +572,31 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return _outcome(client, submission_id)
     except KeyboardInterrupt:
         # Ctrl-C ends this command only: the job belongs to the cluster now. The SDK's event
-        # loop, cut off mid-call, is collected at exit with a ResourceWarning whose traceback
-        # would bury this message.
+        # loop, cut off mid-call, is collected at exit, and its finaliser reports a
+        # ResourceWarning or (when it was still marked running) a RuntimeError with a
+        # traceback that would bury this message.
         warnings.filterwarnings("ignore", category=ResourceWarning)
+        sys.unraisablehook = _quiet_event_loop_finaliser(sys.unraisablehook)
         print(
             f"\nstopped {'following' if args.follow else 'waiting for'} job {submission_id}; it "
             f"keeps running on the cluster. Stop it with: ray job stop {submission_id}{tail}",
             file=sys.stderr,
         )
         return 130
+
+
+def _quiet_event_loop_finaliser(
+    hook: Callable[[sys.UnraisableHookArgs], object],
+) -> Callable[[sys.UnraisableHookArgs], None]:
+    """An unraisable-exception hook that drops what an abandoned asyncio loop's ``__del__``
+    raises and passes everything else to ``hook``."""
+
+    def quiet(unraisable: sys.UnraisableHookArgs) -> None:
+        where = getattr(unraisable.object, "__qualname__", "")
+        if not where.startswith("BaseEventLoop."):
+            hook(unraisable)
+
+    return quiet
 
 
 def _last_line(text: str) -> str:
