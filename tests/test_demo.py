@@ -113,6 +113,14 @@ def test_the_predict_job_runs_the_trained_package(run: dict[str, Any]) -> None:
         expected = whole_image(net, x, facts).argmax(0)
     differ = np.mean(expected != output["labels/0"][:])
     assert differ < 1e-4, differ  # at most float ties between classes
+    # The job's preview: drawn at the end of the run, named by its report, at a pyramid level.
+    assert result["preview"] == str(work / "preview.png") == record["report"]["preview"]
+    from PIL import Image
+
+    width, height = Image.open(result["preview"]).size
+    level = max(output[f"labels/{k}"].shape[1] for k in range(record["levels"]) if
+                output[f"labels/{k}"].shape[1] <= 1024)  # fmt: skip
+    assert width == 2 * level + 10 and height == level + 40
 
 
 def test_the_printed_fcn_metrics_are_those_of_the_output(run: dict[str, Any]) -> None:

@@ -1,5 +1,5 @@
 """The ``tilewise`` command: run [--plan] | submit | validate | schema | models [--probe] | demo |
-ingest | export.
+ingest | export | preview.
 
 User mistakes (:class:`~tilewise.errors.TilewiseError`) print as one clear line per problem and
 exit with status 2; they never show a traceback. Anything else is a bug and keeps its traceback.
@@ -73,6 +73,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
         args.output, args.dst, what=args.what, fmt=args.format, overwrite=args.overwrite
     )
     print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
+    return 0
+
+
+def _level_arg(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"the level is a number (0 = full resolution) or 'auto', not '{value}'"
+        ) from None
+
+
+def _cmd_preview(args: argparse.Namespace) -> int:
+    from tilewise.pipeline.preview import write_preview
+
+    info = write_preview(args.output, args.png, level=args.level, max_size=args.max_size)
+    h, w = info.shape
+    print(f"preview of level {info.level} ({h} x {w} px): {info.path}")
     return 0
 
 
@@ -328,6 +348,23 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace an existing file")
     exp.add_argument("--json", action="store_true", help="print the report as JSON")
     exp.set_defaults(func=_cmd_export)
+
+    pre = sub.add_parser(
+        "preview",
+        help="draw an output's labels over its input, with a legend, as a PNG quicklook",
+    )
+    pre.add_argument("output", help="the output store of a predict job (OUT.zarr)")
+    pre.add_argument("png", nargs="?", help="the PNG to write (default: OUT.preview.png)")
+    pre.add_argument(
+        "--level",
+        type=_level_arg,
+        default="auto",
+        help="pyramid level, 0 = full resolution (default auto: the finest within --max-size)",
+    )
+    pre.add_argument(
+        "--max-size", type=int, default=2048, help="longest side 'auto' aims for (default 2048)"
+    )
+    pre.set_defaults(func=_cmd_preview)
     return p
 
 

@@ -51,11 +51,9 @@ __all__ = [
     "predict_job",
     "run_demo",
     "train_job",
-    "write_preview",
 ]
 
 CLASS_NAMES = ["background", "haematoxylin", "DAB"]
-COLOURS = np.array([[0, 0, 0], [40, 90, 230], [235, 130, 20]], np.uint8)
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 JOB_FILE = JOBS / "ihc-demo.yaml"
 TRAIN_FILE = JOBS / "ihc-train.yaml"
@@ -221,6 +219,8 @@ def predict_job(work: Path, package: str) -> PredictJob:
     data["input"]["path"] = _relocate(data["input"]["path"], work)
     data["output"]["path"] = _relocate(data["output"]["path"], work)
     data["output"]["overwrite"] = True  # the mosaic was just rewritten
+    if data["output"].get("preview", {}).get("path"):
+        data["output"]["preview"]["path"] = _relocate(data["output"]["preview"]["path"], work)
     data["model"]["package"] = package  # the one just trained, wherever its run keeps it
     job = parse_job(data, base_dir=JOB_FILE.parent, source=str(JOB_FILE))
     if not isinstance(job, PredictJob):
@@ -325,32 +325,6 @@ def _majority(confusion: Any) -> Any:
     return baseline
 
 
-def write_preview(mosaic: Path, labels_path: Path, png: Path, *, width: int = 1024) -> None:
-    """PNG quicklook: the image beside the image with labels overlaid, with a legend."""
-    import zarr
-    from PIL import Image, ImageDraw
-
-    image = zarr.open_array(str(mosaic / "0"), mode="r")
-    pred = zarr.open_array(str(labels_path), mode="r")
-    step = max(1, image.shape[-1] // width)
-    rgb = np.asarray(image[:, ::step, ::step]).transpose(1, 2, 0)
-    lab = np.asarray(pred[::step, ::step])
-    overlay = rgb.copy()
-    mask = lab > 0
-    overlay[mask] = (0.45 * rgb[mask] + 0.55 * COLOURS[lab[mask]]).astype(np.uint8)
-    h, w = lab.shape
-    canvas = Image.new("RGB", (2 * w + 10, h + 40), "white")
-    canvas.paste(Image.fromarray(rgb), (0, 40))
-    canvas.paste(Image.fromarray(overlay), (w + 10, 40))
-    draw = ImageDraw.Draw(canvas)
-    x = 8
-    for name, colour in zip(CLASS_NAMES, COLOURS, strict=True):
-        draw.rectangle([x, 12, x + 16, 28], fill=tuple(int(c) for c in colour), outline="black")
-        draw.text((x + 22, 14), name, fill="black")
-        x += 160
-    canvas.save(png)
-
-
 def _cpus() -> int:
     """CPUs this machine gives the demo's Ray (they bound the threads of the workers)."""
     import ray
@@ -435,8 +409,7 @@ def run_demo(
         if started:
             ray.shutdown()
     labels_path = Path(predict.output.path) / "labels" / "0"
-    png = work / "preview.png"
-    write_preview(mosaic, labels_path, png)
+    png = Path(report.preview or "")  # the predict job draws it (output.preview)
     confusion = evaluate(mosaic, labels_path)
     baseline = _majority(confusion)
     iu = confusion.iou_per_class()
@@ -451,6 +424,7 @@ def run_demo(
         "val_mean_iu": float(summary.best.get("val_mean_iou", float("nan"))),
         "package": summary.package,
         "output": predict.output.path,
+        "preview": str(png),
         "train_seconds": summary.seconds,
         "mpx_per_s": report.mpx_per_s,
     }

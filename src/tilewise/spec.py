@@ -399,6 +399,38 @@ class TilingSpec(BaseModel):
     batch_size: int = Field(default=4, ge=1, description="Model windows per forward pass.")
 
 
+class PreviewSpec(BaseModel):
+    """A PNG quicklook of the result, written at the end of a run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(
+        default=None,
+        description=(
+            "Where the PNG goes (local path); null = beside the output, named after it "
+            "(`out.zarr` -> `out.preview.png`). Relative paths are relative to the job file."
+        ),
+    )
+    level: int | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "Pyramid level shown (0 = full resolution); 'auto' = the finest level whose longer "
+            "side is at most max_size."
+        ),
+    )
+    max_size: int = Field(
+        default=2048, ge=16, description="Longest side in pixels that 'auto' aims for."
+    )
+    alpha: float = Field(
+        default=0.55, ge=0.0, le=1.0, description="Opacity of the label colours over the image."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_location(value, _base_dir(info))
+
+
 class OutputSpec(BaseModel):
     """Where and how the segmentation is written (OME-Zarr)."""
 
@@ -431,6 +463,21 @@ class OutputSpec(BaseModel):
     compressor: Literal["zstd", "blosc-lz4", "none"] = Field(
         default="zstd", description="Compression codec of the output chunks."
     )
+    levels: int | Literal["auto"] = Field(
+        default="auto",
+        description=(
+            "Pyramid levels of each output image, level 0 included (each halves the one above: "
+            "labels by the mode of 2x2 blocks, probabilities by their mean); 'auto' = until the "
+            "coarsest level fits one chunk; 1 = no pyramid."
+        ),
+    )
+    preview: PreviewSpec | None = Field(
+        default=None,
+        description=(
+            "Write a PNG quicklook (the image with the labels overlaid, and a legend) when the "
+            "run finishes; `preview: {}` takes the defaults. The run report names the file."
+        ),
+    )
     overwrite: bool = Field(
         default=False,
         description="Replace an existing output written by a different job (never done silently).",
@@ -444,6 +491,23 @@ class OutputSpec(BaseModel):
     @classmethod
     def _resolve_path(cls, value: str, info: ValidationInfo) -> str:
         return resolve_location(value, _base_dir(info))
+
+    @field_validator("levels")
+    @classmethod
+    def _check_levels(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= 16:
+            raise ValueError(
+                f"levels must be between 1 (level 0 only) and 16, or 'auto'; got {value}"
+            )
+        return value
+
+    @field_validator("preview", mode="before")
+    @classmethod
+    def _preview_flag(cls, value: Any) -> Any:
+        # `preview: true` reads as "a preview with the defaults", `false` as none.
+        if value is True:
+            return {}
+        return None if value is False else value
 
 
 class ComputeSpec(BaseModel):

@@ -22,8 +22,9 @@ from rasterio.crs import CRS
 from tests.conftest import write_input
 from tilewise.errors import ConfigError, InputError, OutputExistsError, StoreNotFoundError
 from tilewise.io import export as export_module
-from tilewise.io.export import check_cog_layout, downsample_mean, downsample_mode, export
+from tilewise.io.export import check_cog_layout, export
 from tilewise.pipeline.output import OutputLayout, OutputStore
+from tilewise.pipeline.pyramid import downsample_mean, downsample_mode
 
 H, W, K = 1100, 1300, 3
 NAMES = ["background", "tumour", "stroma"]

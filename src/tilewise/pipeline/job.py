@@ -21,6 +21,7 @@ from tilewise.models.registry import TilingFacts
 from tilewise.models.weights import load_state_file
 from tilewise.pipeline.engine import TilePlan
 from tilewise.pipeline.output import OutputLayout, fingerprint_of
+from tilewise.pipeline.pyramid import auto_levels
 from tilewise.pipeline.stores import InputImage, is_url
 from tilewise.pipeline.units import UnitGrid
 from tilewise.spec import NormalizeSpec, PredictJob, is_pattern
@@ -182,7 +183,9 @@ class PreparedJob:
                 "model": job.model.model_dump(),
                 "weights": stamp,
                 "tiling": job.tiling.model_dump(exclude={"batch_size"}),
-                "output": job.output.model_dump(exclude={"overwrite", "storage_options", "path"}),
+                "output": job.output.model_dump(
+                    exclude={"overwrite", "storage_options", "path", "preview"}
+                ),
             }
         )
 
@@ -245,6 +248,7 @@ def prepare(job: PredictJob) -> PreparedJob:
         compressor=o.compressor,
         scale=image.scale,
         class_names=m.class_names,
+        levels=auto_levels(height, width, chunk) if o.levels == "auto" else o.levels,
     )
     grid = UnitGrid(height, width, o.shard or chunk)
     return PreparedJob(

@@ -27,6 +27,14 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from tilewise.errors import OutputExistsError
 from tilewise.pipeline.engine import Unit
 from tilewise.pipeline.postprocess import labels_from_scores, probabilities_from_scores
+from tilewise.pipeline.pyramid import (
+    build_level,
+    level_shapes,
+    level_transforms,
+    reduce_unit,
+    spatial_attributes,
+    streamed_levels,
+)
 from tilewise.pipeline.stores import _storage, is_url, local_path
 
 __all__ = ["OutputLayout", "OutputStore"]
@@ -49,6 +57,12 @@ class OutputLayout:
     compressor: str
     scale: list[float] | None = None
     class_names: list[str] | None = None
+    levels: int = 1
+
+    @property
+    def streamed(self) -> int:
+        """Levels after level 0 that each unit writes itself (the rest are built at the end)."""
+        return streamed_levels(self.shard or self.chunk, self.levels)
 
 
 def _compressors(name: str) -> Any:
@@ -62,20 +76,20 @@ def _compressors(name: str) -> Any:
     return None
 
 
-def _ome_image(name: str, axes: list[dict[str, str]], scale: list[float] | None) -> dict[str, Any]:
-    spatial = scale or [1.0, 1.0]
-    full = [1.0] * (len(axes) - 2) + list(spatial)
+def _ome_image(
+    name: str, axes: list[dict[str, str]], scale: list[float] | None, levels: int = 1
+) -> dict[str, Any]:
+    lead = [1.0] * (len(axes) - 2)
+    lead0 = [0.0] * (len(axes) - 2)
+    datasets = []
+    for k, (pitch, shift) in enumerate(level_transforms(levels, scale or [1.0, 1.0])):
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": lead + pitch}]
+        if k:
+            transforms.append({"type": "translation", "translation": lead0 + shift})
+        datasets.append({"path": str(k), "coordinateTransformations": transforms})
     return {
         "version": "0.5",
-        "multiscales": [
-            {
-                "name": name,
-                "axes": axes,
-                "datasets": [
-                    {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": full}]}
-                ],
-            }
-        ],
+        "multiscales": [{"name": name, "axes": axes, "datasets": datasets}],
     }
 
 
@@ -189,51 +203,78 @@ class OutputStore:
         carried: dict[str, Any],
     ) -> None:
         root = self._open("w")
-        chunks = (layout.chunk, layout.chunk)
-        shards = (layout.shard, layout.shard) if layout.shard else None
         yx = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
         if layout.labels:
             g = root.create_group("labels")
-            ome = _ome_image("labels", yx, layout.scale)
+            ome = _ome_image("labels", yx, layout.scale, layout.levels)
             ome["image-label"] = image_label(layout.num_classes, layout.class_names)
             g.attrs.update({"ome": ome, **carried})
-            g.create_array(
-                "0",
-                shape=(layout.height, layout.width),
-                chunks=chunks,
-                shards=shards,
-                dtype=layout.labels,
-                compressors=_compressors(layout.compressor),
-                fill_value=0,
-                dimension_names=("y", "x"),
-            )
+            self._create_levels(g, layout, (), ("y", "x"), layout.labels, carried)
         if layout.probabilities:
             k = layout.num_classes
             g = root.create_group("probabilities")
             cyx = [{"name": "c", "type": "channel"}, *yx]
-            g.attrs.update({"ome": _ome_image("probabilities", cyx, layout.scale), **carried})
-            g.create_array(
-                "0",
-                shape=(k, layout.height, layout.width),
-                chunks=(k, *chunks),
-                shards=(k, *shards) if shards else None,
-                dtype=layout.probabilities,
-                compressors=_compressors(layout.compressor),
-                fill_value=0,
-                dimension_names=("c", "y", "x"),
-            )
+            ome = _ome_image("probabilities", cyx, layout.scale, layout.levels)
+            g.attrs.update({"ome": ome, **carried})
+            self._create_levels(g, layout, (k,), ("c", "y", "x"), layout.probabilities, carried)
         root.attrs["tilewise"] = {
             "fingerprint": fingerprint,
             "status": STATUS_RUNNING,
             "job": job,
             "class_names": layout.class_names,
+            "levels": layout.levels,
+            "streamed_levels": layout.streamed,
             **carried,
         }
         self._group, self._arrays = root, None
 
+    @staticmethod
+    def _create_levels(
+        group: Any,
+        layout: OutputLayout,
+        lead: tuple[int, ...],
+        dims: tuple[str, ...],
+        dtype: str,
+        carried: dict[str, Any],
+    ) -> None:
+        """Levels 0..L-1 of one image. Streamed levels are chunked (and sharded) at
+        ``1 / 2**k`` of level 0, so that each unit owns whole chunks of them; the levels built
+        at the end take level 0's chunk side."""
+        for k, (h, w) in enumerate(level_shapes(layout.height, layout.width, layout.levels)):
+            if k <= layout.streamed:
+                chunks = (layout.chunk >> k, layout.chunk >> k)
+                shards = (layout.shard >> k, layout.shard >> k) if layout.shard else None
+            else:
+                chunks, shards = (layout.chunk, layout.chunk), None
+            array = group.create_array(
+                str(k),
+                shape=(*lead, h, w),
+                chunks=(*lead, *chunks),
+                shards=(*lead, *shards) if shards else None,
+                dtype=dtype,
+                compressors=_compressors(layout.compressor),
+                fill_value=0,
+                dimension_names=dims,
+            )
+            transform = carried.get("spatial:transform")
+            if k and isinstance(transform, list) and len(transform) == 6:
+                # Each level says where its own pixels lie, as ingest's levels do.
+                array.attrs.update(spatial_attributes(transform, (h, w), 2.0**k))
+
     def finish(self, report: dict[str, Any]) -> None:
-        """Mark the output complete (only after every unit is done) and store the report."""
+        """Build the pyramid levels no unit wrote, then mark the output complete (only after
+        every unit is done) and store the report."""
+        self.complete_levels()
+        self.mark_complete(report)
+
+    def complete_levels(self) -> None:
+        """Clear a lost worker's leftovers and build the levels that units do not stream."""
         self._remove_partial_writes()
+        state = dict(self.group().attrs["tilewise"])
+        self.build_coarse_levels(int(state.get("levels", 1)), int(state.get("streamed_levels", 0)))
+
+    def mark_complete(self, report: dict[str, Any]) -> None:
+        """Record the output as complete, with its report."""
         group = self.group()
         state = dict(group.attrs["tilewise"])
         state.update(status=STATUS_COMPLETE, report=report)
@@ -250,7 +291,7 @@ class OutputStore:
             return
         from pathlib import Path
 
-        for leftover in Path(self.path).glob("*/0/c/**/*.partial"):
+        for leftover in Path(self.path).glob("*/*/c/**/*.partial"):
             leftover.unlink(missing_ok=True)
 
     # -- units (workers) ---------------------------------------------------------------------
@@ -260,13 +301,34 @@ class OutputStore:
             self._group = self._open("r+")
         return self._group
 
-    def _array(self, name: str) -> Any:
-        """The output's ``labels/0`` or ``probabilities/0`` (None when not written), opened once
-        per store object: reopening reads the array's metadata, once per unit on a hot path."""
+    def build_coarse_levels(self, levels: int, streamed: int) -> None:
+        """Levels ``streamed + 1 .. levels - 1`` of each image, each reduced from the one above
+        (rebuilt whole on every finish, so a resumed run needs nothing special)."""
+        group = self.group()
+        for name in ("labels", "probabilities"):
+            if name not in group:
+                continue
+            for k in range(streamed + 1, levels):
+                build_level(group[f"{name}/{k - 1}"], group[f"{name}/{k}"], name == "labels")
+
+    def _levels(self, name: str) -> list[Any]:
+        """The output's ``labels`` or ``probabilities`` levels that units write (level 0 and the
+        streamed levels; empty when the image is not written), opened once per store object:
+        reopening reads the array's metadata, once per unit on a hot path."""
         if self._arrays is None:
             group = self.group()
-            self._arrays = {n: group[f"{n}/0"] for n in ("labels", "probabilities") if n in group}
-        return self._arrays.get(name)
+            streamed = int(group.attrs["tilewise"].get("streamed_levels", 0))
+            self._arrays = {
+                n: [group[f"{n}/{k}"] for k in range(streamed + 1)]
+                for n in ("labels", "probabilities")
+                if n in group
+            }
+        return self._arrays.get(name, [])
+
+    def _array(self, name: str) -> Any:
+        """The output's ``labels/0`` or ``probabilities/0`` (None when not written)."""
+        levels = self._levels(name)
+        return levels[0] if levels else None
 
     def write_unit(self, unit: Unit, scores: np.ndarray) -> None:
         """Write one unit's labels and/or probabilities from its scores, then its marker."""
@@ -286,12 +348,17 @@ class OutputStore:
     def write_arrays(
         self, unit: Unit, labels: np.ndarray | None, probabilities: np.ndarray | None
     ) -> None:
-        """Write one unit's ready arrays (whole chunks/shards, once each), then its marker."""
-        ys, xs = slice(unit.y0, unit.y1), slice(unit.x0, unit.x1)
-        if labels is not None:
-            self._array("labels")[ys, xs] = labels
-        if probabilities is not None:
-            self._array("probabilities")[:, ys, xs] = probabilities
+        """Write one unit's ready arrays (whole chunks/shards, once each) at level 0 and at each
+        streamed level (reduced from the level above as stored), then its marker."""
+        for name, data in (("labels", labels), ("probabilities", probabilities)):
+            if data is None:
+                continue
+            for k, array in enumerate(self._levels(name)):
+                if k:
+                    data = reduce_unit(data, name == "labels")
+                ys = slice(unit.y0 >> k, -(-unit.y1 // 2**k))
+                xs = slice(unit.x0 >> k, -(-unit.x1 // 2**k))
+                array[..., ys, xs] = data
         self._mark(unit.index)
 
     def _done_dir(self) -> str:
