@@ -399,6 +399,69 @@ class TilingSpec(BaseModel):
     batch_size: int = Field(default=4, ge=1, description="Model windows per forward pass.")
 
 
+class InstancesSpec(BaseModel):
+    """Instances from the class map: connected components of classes, numbered across the
+    whole mosaic, each object owned by exactly one write unit and seen whole through a halo."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    classes: list[int] | None = Field(
+        default=None,
+        description=(
+            "Class ids whose connected components are objects; null = every class but 0. "
+            "Touching cells are separated when the network draws the background between them "
+            "(U-Net's border-weighted loss)."
+        ),
+    )
+    halo: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "Pixels around each write unit within which an object must lie whole; an object "
+            "larger than that is an error that names the halo needed."
+        ),
+    )
+    connectivity: Literal[1, 2] = Field(
+        default=1, description="1 = 4-connected pixels form an object, 2 = 8-connected."
+    )
+    min_area: int = Field(default=0, ge=0, description="Objects of fewer pixels are dropped.")
+    table: Literal["parquet", "csv"] = Field(
+        default="parquet",
+        description=(
+            "Object table (id, class, score, bbox, area, centroid): a Parquet dataset "
+            "`instances.parquet/` inside the output, or `instances.csv`."
+        ),
+    )
+
+
+def _instances_problems(
+    output: OutputSpec, num_classes: int
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Instances are components of the class map: it must be written, and the classes exist."""
+    problems: list[tuple[tuple[str | int, ...], str]] = []
+    assert output.instances is not None
+    if output.labels is None:
+        problems.append(
+            (
+                ("output", "instances"),
+                "instances are found in the class map, but labels is null; set labels: uint8 "
+                "(or uint16).",
+            )
+        )
+    # One score map (a sigmoid) labels pixels 0 or 1.
+    values = max(2, num_classes)
+    bad = [c for c in output.instances.classes or [] if not 0 < c < values]
+    if bad:
+        problems.append(
+            (
+                ("output", "instances", "classes"),
+                f"must be classes of the model other than the background 0 (1..{values - 1}); "
+                f"got {bad}.",
+            )
+        )
+    return problems
+
+
 class PreviewSpec(BaseModel):
     """A PNG quicklook of the result, written at the end of a run."""
 
@@ -469,6 +532,13 @@ class OutputSpec(BaseModel):
             "Pyramid levels of each output image, level 0 included (each halves the one above: "
             "labels by the mode of 2x2 blocks, probabilities by their mean); 'auto' = until the "
             "coarsest level fits one chunk; 1 = no pyramid."
+        ),
+    )
+    instances: InstancesSpec | None = Field(
+        default=None,
+        description=(
+            "Also write an instance label image `instances/` (uint32, unique ids across the "
+            "mosaic) and an object table, from the class map; needs `labels`."
         ),
     )
     preview: PreviewSpec | None = Field(
@@ -764,6 +834,8 @@ class PredictJob(BaseModel):
                     "and/or probabilities: float16.",
                 )
             )
+        if output.instances is not None:
+            problems.extend(_instances_problems(output, model.num_classes))
         if output.chunk is not None and output.shard is not None and output.shard % output.chunk:
             lower = max(output.chunk, output.shard // output.chunk * output.chunk)
             problems.append(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -74,6 +75,7 @@ class RunReport:
     # the steady state.
     first_unit_seconds: float = 0.0
     preview: str | None = None  # the PNG quicklook, when the job asked for one
+    instances: dict[str, Any] | None = None  # the instance stage's report, when asked for
 
     @property
     def mpx_per_s(self) -> float:
@@ -108,6 +110,14 @@ class RunReport:
             f"  workers  {self.workers} on {self.device or '-'}",
             f"  output   {self.output}",
             *([f"  preview  {self.preview}"] if self.preview else []),
+            *(
+                [
+                    f"  objects  {self.instances['objects']} instances (halo "
+                    f"{self.instances['halo']}) -> instances/ and {self.instances['table']}"
+                ]
+                if self.instances
+                else []
+            ),
             *(
                 f"  image    {r['name']}: {r['units_computed']} computed, "
                 f"{r['units_background']} background -> {r['output']}"
@@ -390,13 +400,17 @@ def run_job(
     if shuffle is not None:
         random.Random(shuffle).shuffle(todo)
     workers_used, device = 0, ""
-    if todo:
+    # The instance stage runs on Ray too, and decides itself whether a rerun has work left.
+    if todo or job.output.instances is not None:
         started = _connect(address or job.compute.address)
         try:
-            workers_used, device = _run_with_progress(images, todo, workers, job, progress, t0)
+            if todo:
+                workers_used, device = _run_with_progress(
+                    images, todo, workers, job, progress, t0
+                )
             # Complete as soon as every unit is written: an embedded Ray's shutdown (about
             # 1.4 s of stopping its processes one by one) is not part of the run.
-            seconds = _finish(images, t0, workers_used, device)
+            seconds = _finish(images, t0, workers_used, device, workers, progress)
         finally:
             if started:
                 import ray
@@ -425,10 +439,20 @@ def run_job(
     return total
 
 
-def _finish(images: list[_Image], t0: float, workers: int, device: str) -> float:
-    """Mark every image's output complete with its report; return the run's seconds."""
+def _finish(
+    images: list[_Image],
+    t0: float,
+    workers: int,
+    device: str,
+    requested_workers: int | None = None,
+    progress: bool = False,
+) -> float:
+    """Build what follows the units (pyramid levels, instances, previews), then mark every
+    image's output complete with its report; return the run's seconds."""
     for im in images:
         im.output.complete_levels()
+        if im.prepared.job.output.instances is not None:
+            im.report.instances = _instances(im, workers or requested_workers, progress)
         preview = im.prepared.job.output.preview
         if preview is not None:
             from tilewise.pipeline.preview import write_preview
@@ -448,6 +472,50 @@ def _finish(images: list[_Image], t0: float, workers: int, device: str) -> float
         im.report.workers, im.report.device = workers, device
         im.output.mark_complete(im.report.to_dict())
     return seconds
+
+
+def _instances(im: _Image, workers: int | None, progress: bool) -> dict[str, Any]:
+    """Run the instance stage of one image's output (Ray is connected); its report."""
+    from tilewise.pipeline.instance_stage import run_instances
+    from tilewise.pipeline.instances import ComponentsFactory
+
+    job, layout = im.prepared.job, im.prepared.layout
+    spec = job.output.instances
+    assert spec is not None
+    classes = spec.classes or list(range(1, max(2, layout.num_classes)))
+    options = job.output.storage_options or None
+    n = workers or job.compute.workers or _default_stage_workers()
+
+    def show(phase: str, done: int, total: int) -> None:
+        print(f"\r  instances: {phase} {done}/{total} units", end="", file=sys.stderr, flush=True)
+
+    report = run_instances(
+        im.output.location,
+        ComponentsFactory(
+            im.output.location,
+            tuple(classes),
+            spec.connectivity,
+            spec.min_area,
+            storage_options=options,
+        ),
+        chunk=im.prepared.grid.side,
+        halo=spec.halo,
+        image_shape=(layout.height, layout.width),
+        workers=n,
+        class_names=layout.class_names,
+        table_format=spec.table,
+        storage_options=options,
+        progress=show if progress else None,
+    )
+    if progress:
+        print(file=sys.stderr)
+    return report.to_dict()
+
+
+def _default_stage_workers() -> int:
+    import ray
+
+    return max(1, int(ray.available_resources().get("CPU", 1)))
 
 
 def _background_units(prepared: PreparedJob) -> set[int]:

@@ -184,7 +184,7 @@ class PreparedJob:
                 "weights": stamp,
                 "tiling": job.tiling.model_dump(exclude={"batch_size"}),
                 "output": job.output.model_dump(
-                    exclude={"overwrite", "storage_options", "path", "preview"}
+                    exclude={"overwrite", "storage_options", "path", "preview", "instances"}
                 ),
             }
         )
