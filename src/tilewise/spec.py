@@ -680,6 +680,53 @@ def _unknown_arg_problems(model: ModelSpec | TrainModelSpec) -> Problems:
     ]
 
 
+class CRFSpec(BaseModel):
+    """DeepLab's fully connected CRF, truncated at ``radius * step`` pixels per mean-field
+    iteration so that tiling stays exact (the CRF halo is ``iterations * radius * step``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    iterations: int = Field(default=10, ge=0, description="Mean-field iterations (DeepLab: 10).")
+    w_appearance: float = Field(
+        default=4.0, ge=0, description="w1: weight of the appearance (bilateral) kernel."
+    )
+    theta_alpha: float = Field(
+        default=60.0, gt=0, description="σα: spatial scale of the appearance kernel, pixels."
+    )
+    theta_beta: float = Field(
+        default=5.0,
+        gt=0,
+        description="σβ: colour scale of the appearance kernel, in the input's intensity units.",
+    )
+    w_smoothness: float = Field(default=3.0, ge=0, description="w2: smoothness kernel weight.")
+    theta_gamma: float = Field(
+        default=3.0, gt=0, description="σγ: spatial scale of the smoothness kernel, pixels."
+    )
+    radius: int = Field(
+        default=5, ge=1, description="R: the appearance kernel has (2R+1)^2 - 1 taps."
+    )
+    step: int = Field(
+        default=1,
+        ge=1,
+        description="d: taps d pixels apart, so each iteration reaches R*d pixels (and the halo "
+        "grows with it).",
+    )
+
+
+class PostprocessSpec(BaseModel):
+    """Refinements applied to each unit's scores before they are written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    crf: CRFSpec | None = Field(
+        default=None,
+        description=(
+            "Refine the scores with DeepLab's fully connected CRF (`crf: {}` = its defaults). "
+            "Each unit is predicted with the CRF halo around it, so tiling stays exact."
+        ),
+    )
+
+
 class PredictJob(BaseModel):
     """Segment one image with one network, tile by tile, into an OME-Zarr output."""
 
@@ -698,6 +745,9 @@ class PredictJob(BaseModel):
     output: OutputSpec = Field(description="Where and how the result is written.")
     compute: ComputeSpec = Field(
         default=ComputeSpec(), description="The Ray cluster and the predictor actors."
+    )
+    postprocess: PostprocessSpec = Field(
+        default=PostprocessSpec(), description="Refinements of the scores (DeepLab's CRF)."
     )
 
     @model_validator(mode="before")

@@ -607,7 +607,7 @@ def _run_with_progress(
                 r.units_computed += 1
                 r.computed_output += result.pixels
                 r.computed_pixels += im.prepared.plan.computed_pixels(
-                    im.prepared.grid.unit(result.index)
+                    im.prepared.compute_region(im.prepared.grid.unit(result.index))
                 )
             else:
                 r.units_background += 1

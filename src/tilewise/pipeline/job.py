@@ -19,7 +19,7 @@ from tilewise.errors import ConfigError, InputError, PlanError
 from tilewise.models.ensemble import FlipAverage
 from tilewise.models.registry import TilingFacts
 from tilewise.models.weights import load_state_file
-from tilewise.pipeline.engine import TilePlan
+from tilewise.pipeline.engine import TilePlan, Unit
 from tilewise.pipeline.output import OutputLayout, fingerprint_of
 from tilewise.pipeline.pyramid import auto_levels
 from tilewise.pipeline.stores import InputImage, is_url
@@ -169,6 +169,39 @@ class PreparedJob:
     normalizer: Normalizer
 
     @property
+    def crf(self) -> Any:
+        """The job's :class:`~tilewise.pipeline.crf.CRFParams`, or None without a CRF."""
+        spec = self.job.postprocess.crf
+        if spec is None:
+            return None
+        from tilewise.pipeline.crf import CRFParams
+
+        return CRFParams(**spec.model_dump())
+
+    @property
+    def crf_halo(self) -> int:
+        """Output pixels predicted around each unit for its CRF (0 without one)."""
+        from tilewise.pipeline.crf import crf_halo
+
+        params = self.crf
+        return 0 if params is None else crf_halo(params)
+
+    def compute_region(self, unit: Unit) -> Unit:
+        """The output pixels whose scores a unit needs: the unit itself, or with a CRF the unit
+        grown by the CRF halo and clipped to the image (the CRF of those exact scores is exact
+        on the unit)."""
+        h = self.crf_halo
+        if not h:
+            return unit
+        return Unit(
+            unit.index,
+            max(0, unit.y0 - h),
+            min(self.layout.height, unit.y1 + h),
+            max(0, unit.x0 - h),
+            min(self.layout.width, unit.x1 + h),
+        )
+
+    @property
     def fingerprint(self) -> str:
         """Digest of the settings that determine the output bytes (resume guard)."""
         job = self.job
@@ -183,6 +216,7 @@ class PreparedJob:
                 "model": job.model.model_dump(),
                 "weights": stamp,
                 "tiling": job.tiling.model_dump(exclude={"batch_size"}),
+                "postprocess": job.postprocess.model_dump(),
                 "output": job.output.model_dump(
                     exclude={"overwrite", "storage_options", "path", "preview", "instances"}
                 ),

@@ -77,6 +77,7 @@ class _Image:
     engine: TileEngine
     output: OutputStore
     nodata: float | None
+    crf: Any = None  # CRFParams when the job refines its scores with DeepLab's CRF
 
 
 class Predictor:
@@ -138,7 +139,11 @@ class Predictor:
 
                 nodata = resolve_nodata(prepared.image, mask)
             state = _Image(
-                prepared, engine, OutputStore(spec.output.path, spec.output.storage_options), nodata
+                prepared,
+                engine,
+                OutputStore(spec.output.path, spec.output.storage_options),
+                nodata,
+                prepared.crf,
             )
             self._images[image] = state
             while len(self._images) > OPEN_IMAGES:
@@ -158,16 +163,20 @@ class Predictor:
         if background:
             self._write_background(state, unit)
             return UnitResult(image, index, unit.pixels, False, time.perf_counter() - t0)
-        raw = state.engine.read_unit(state.prepared.image, unit)
+        # With a CRF the network computes the unit's CRF halo too (the region), else the unit.
+        region = state.prepared.compute_region(unit)
+        raw = state.engine.read_unit(state.prepared.image, region)
         nodata = None
         if state.nodata is not None:
-            nodata = _nodata_pixels(raw, state, unit)
+            nodata = _nodata_pixels(raw, state, unit, region)
             if bool(nodata.all()):
                 self._write_background(state, unit)
                 return UnitResult(image, index, unit.pixels, False, time.perf_counter() - t0)
         label_dtype, prob_dtype = state.output.dtypes()
         with self._device_lock:
-            scores = state.engine.compute_unit(raw, unit)
+            scores = state.engine.compute_unit(raw, region)
+            if state.crf is not None:
+                scores = _crf_scores(scores, raw, state, unit, region)
             labels = labels_tensor(scores, label_dtype) if label_dtype else None
             probs = probabilities_tensor(scores, prob_dtype) if prob_dtype else None
             if nodata is not None and bool(nodata.any()):
@@ -215,11 +224,41 @@ class Predictor:
         return f"{self.device} ({precision})"
 
 
-def _nodata_pixels(raw: np.ndarray, state: _Image, unit: Any) -> np.ndarray:
-    """(h, w) bool: the unit's own pixels (not its halo) whose bands all equal no-data."""
+def _crf_scores(
+    scores: torch.Tensor, raw: np.ndarray, state: _Image, unit: Any, region: Any
+) -> torch.Tensor:
+    """The unit's scores after DeepLab's CRF over ``region`` (the unit and its CRF halo, whose
+    scores are exact): the CRF's marginals, as scores whose softmax (sigmoid) they are."""
+    from tilewise.pipeline.crf import dense_crf
+
     plan = state.prepared.plan
-    ry0, _ = plan.y.read_range(unit.y0, unit.y1)
-    rx0, _ = plan.x.read_range(unit.x0, unit.x1)
+    ry0, _ = plan.y.read_range(region.y0, region.y1)
+    rx0, _ = plan.x.read_range(region.x0, region.x1)
+    # The appearance kernel compares the raw intensities of the region itself (no padding).
+    image = raw[:, region.y0 - ry0 : region.y1 - ry0, region.x0 - rx0 : region.x1 - rx0]
+    image_t = torch.from_numpy(np.ascontiguousarray(image)).to(scores.device, torch.float32)
+    one_map = scores.shape[0] == 1
+    probs = (
+        torch.cat([torch.sigmoid(-scores), torch.sigmoid(scores)])
+        if one_map
+        else torch.softmax(scores, dim=0)
+    )
+    q = dense_crf(probs, image_t, state.crf)
+    oy, ox = unit.y0 - region.y0, unit.x0 - region.x0
+    q = q[:, oy : oy + unit.y1 - unit.y0, ox : ox + unit.x1 - unit.x0]
+    eps = torch.finfo(torch.float32).tiny
+    if one_map:
+        return (torch.log(q[1:] + eps) - torch.log(q[:1] + eps)).contiguous()
+    return torch.log(q + eps).contiguous()
+
+
+def _nodata_pixels(raw: np.ndarray, state: _Image, unit: Any, region: Any = None) -> np.ndarray:
+    """(h, w) bool: the unit's own pixels (not its halo) whose bands all equal no-data;
+    ``raw`` was read for ``region`` (default: the unit)."""
+    plan = state.prepared.plan
+    region = region or unit
+    ry0, _ = plan.y.read_range(region.y0, region.y1)
+    rx0, _ = plan.x.read_range(region.x0, region.x1)
     core = raw[:, unit.y0 - ry0 : unit.y1 - ry0, unit.x0 - rx0 : unit.x1 - rx0]
     from tilewise.pipeline.masks import nodata_pixels
 
