@@ -462,3 +462,33 @@ def test_build_loss_kinds() -> None:
 def test_build_loss_errors_say_what_and_where(spec: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         build_loss(spec)
+
+
+def test_unet_targets_separate_touching_cells_so_that_components_recover_them() -> None:
+    from scipy import ndimage
+
+    from tilewise.losses import unet_targets
+    from tilewise.pipeline.instances import ComponentsSource, instances_in_memory
+
+    cells = np.zeros((40, 60), np.int64)
+    cells[5:20, 5:20] = 1
+    cells[5:20, 20:35] = 2  # touches cell 1 along a column
+    cells[20:30, 10:25] = 3  # touches cells 1 and 2 along a row
+    cells[25:35, 40:55] = 4  # alone
+    labels, weights = unet_targets(cells, {1: 1, 2: 2, 3: 1, 4: 2})
+    # The pixels where two cells meet are background; the others keep their cell's class.
+    assert (labels[5:20, 19] == 0).all() and (labels[5:20, 20] == 0).all()
+    assert (labels[19, 10:25] == 0).all() and (labels[20, 10:25] == 0).all()
+    assert labels[10, 10] == 1 and labels[10, 30] == 2 and labels[25, 15] == 1
+    assert (labels[25:35, 40:55] == 2).all()
+    # Class-agnostic components of the class map are the four cells, each minus its borders.
+    components, n = ndimage.label(labels > 0)
+    assert n == 4
+    for cell in range(1, 5):
+        ids = np.unique(components[(cells == cell) & (labels > 0)])
+        assert len(ids) == 1
+    # The gaps between cells weigh more than the far background (the border term).
+    assert weights[10, 19] > 5 * weights[38, 2]
+    # And the instance stage turns the class map into the four cells.
+    result = instances_in_memory(ComponentsSource(labels, [1, 2]), labels.shape, 32, 16)
+    assert int(result.labels.max()) == 4

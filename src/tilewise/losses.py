@@ -43,6 +43,7 @@ __all__ = [
     "class_pixel_counts",
     "median_frequency_weights",
     "soft_dice_terms",
+    "unet_targets",
     "unet_weight_map",
     "with_aux",
 ]
@@ -564,6 +565,55 @@ def unet_weight_map(
     border = w0 * np.exp(-((nearest + second) ** 2) / (2.0 * sigma**2))
     weight = weight + np.where(background, border, 0.0)
     return weight.astype(np.float32)
+
+
+def unet_targets(
+    instances: npt.ArrayLike,
+    classes: Mapping[int, int] | None = None,
+    *,
+    w0: float = 10.0,
+    sigma: float = 5.0,
+) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
+    """Training targets for touching cells, as in U-Net (Ronneberger et al. 2015, Fig. 3).
+
+    The pixels of a cell that touch another cell (4-neighbours) become background, so that the
+    class map has a gap of background between touching cells; the weight map
+    (:func:`unet_weight_map` of the separated cells) weighs those gaps heavily. A network trained
+    on these learns to draw the gaps, and the connected components of its class map (the
+    ``output.instances`` stage) are then the cells.
+
+    Args:
+        instances: (H, W) integer labels: 0 = background, 1..n = cells.
+        classes: class of each cell id (default: class 1 for every cell).
+        w0: border weight (paper: 10).
+        sigma: border width in pixels (paper: about 5).
+
+    Returns:
+        ``(labels, weights)``: uint8 (H, W) classes with the gaps, float32 (H, W) weights.
+    """
+    cells = _as_int_array(instances, "instances")
+    if cells.ndim != 2:
+        raise InputError(f"instances must be a 2-D (H, W) label image; got shape {cells.shape}.")
+    touching = np.zeros(cells.shape, bool)
+    for axis in (0, 1):
+        a = cells.take(range(cells.shape[axis] - 1), axis=axis)
+        b = cells.take(range(1, cells.shape[axis]), axis=axis)
+        edge = (a != b) & (a > 0) & (b > 0)  # two different cells meet here
+        head = [slice(None)] * 2
+        tail = [slice(None)] * 2
+        head[axis], tail[axis] = slice(0, -1), slice(1, None)
+        touching[tuple(head)] |= edge
+        touching[tuple(tail)] |= edge
+    separated = np.where(touching, 0, cells)
+    if classes is None:
+        labels = (separated > 0).astype(np.uint8)
+    else:
+        lut = np.zeros(int(separated.max()) + 1, np.uint8)
+        for cell, cls in classes.items():
+            if 0 < cell < lut.size:
+                lut[cell] = cls
+        labels = lut[separated]
+    return labels, unet_weight_map(separated, w0=w0, sigma=sigma)
 
 
 def _class_weight_map(
