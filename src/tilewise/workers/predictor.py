@@ -231,11 +231,8 @@ def _crf_scores(
     scores are exact): the CRF's marginals, as scores whose softmax (sigmoid) they are."""
     from tilewise.pipeline.crf import dense_crf
 
-    plan = state.prepared.plan
-    ry0, _ = plan.y.read_range(region.y0, region.y1)
-    rx0, _ = plan.x.read_range(region.x0, region.x1)
     # The appearance kernel compares the raw intensities of the region itself (no padding).
-    image = raw[:, region.y0 - ry0 : region.y1 - ry0, region.x0 - rx0 : region.x1 - rx0]
+    image = _raw_part(raw, state, region, region)
     image_t = torch.from_numpy(np.ascontiguousarray(image)).to(scores.device, torch.float32)
     one_map = scores.shape[0] == 1
     probs = (
@@ -252,14 +249,19 @@ def _crf_scores(
     return torch.log(q + eps).contiguous()
 
 
+def _raw_part(raw: np.ndarray, state: _Image, read: Any, part: Any) -> np.ndarray:
+    """The image pixels of output rectangle ``part`` in ``raw``, the pixels read (with the
+    network's halo, padded) for output rectangle ``read``."""
+    plan = state.prepared.plan
+    ry0, _ = plan.y.read_range(read.y0, read.y1)
+    rx0, _ = plan.x.read_range(read.x0, read.x1)
+    return raw[:, part.y0 - ry0 : part.y1 - ry0, part.x0 - rx0 : part.x1 - rx0]
+
+
 def _nodata_pixels(raw: np.ndarray, state: _Image, unit: Any, region: Any = None) -> np.ndarray:
     """(h, w) bool: the unit's own pixels (not its halo) whose bands all equal no-data;
     ``raw`` was read for ``region`` (default: the unit)."""
-    plan = state.prepared.plan
-    region = region or unit
-    ry0, _ = plan.y.read_range(region.y0, region.y1)
-    rx0, _ = plan.x.read_range(region.x0, region.x1)
-    core = raw[:, unit.y0 - ry0 : unit.y1 - ry0, unit.x0 - rx0 : unit.x1 - rx0]
+    core = _raw_part(raw, state, region or unit, unit)
     from tilewise.pipeline.masks import nodata_pixels
 
     assert state.nodata is not None  # only called for nodata masks
