@@ -70,7 +70,10 @@ def _is_url(location: str) -> bool:
 
 def _halo(arch: str, args: dict[str, Any], in_channels: int, num_classes: int) -> int | None:
     from tilewise.models import facts
+    from tilewise.models.maskrcnn import is_instance_arch
 
+    if is_instance_arch(arch):  # an instance network has no halo: the instance stage's is set
+        return None
     return facts(arch, in_channels=in_channels, num_classes=num_classes, **args).halo
 
 

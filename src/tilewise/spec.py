@@ -45,6 +45,7 @@ from pydantic.json_schema import models_json_schema
 from tilewise.errors import ConfigError, PlanError, UnknownArchitectureError, did_you_mean
 from tilewise.models import TilingFacts, entry, facts
 from tilewise.models.ensemble import flip_facts
+from tilewise.models.maskrcnn import INSTANCE_ARCHS, instance_arch_args, is_instance_arch
 
 __all__ = [
     "JOB_KINDS",
@@ -274,9 +275,16 @@ class ModelSpec(BaseModel):
         ),
     )
     arch: str = Field(
-        description="Registered architecture name (list them with `tilewise models`)."
+        description=(
+            "Registered architecture name (list them with `tilewise models`), or an instance "
+            "architecture (mask_rcnn_r50_fpn, mask_rcnn_r101_fpn, mask_rcnn_tiny) whose objects "
+            "go to output.instances."
+        )
     )
-    num_classes: int = Field(ge=1, description="Number of output classes (score maps).")
+    num_classes: int = Field(
+        ge=1,
+        description="Number of output classes (score maps); for Mask R-CNN, background included.",
+    )
     in_channels: int | None = Field(
         default=None, ge=1, description="Input channels; null = the input image's channel count."
     )
@@ -307,11 +315,20 @@ class ModelSpec(BaseModel):
     @field_validator("arch")
     @classmethod
     def _arch_is_registered(cls, value: str) -> str:
+        if is_instance_arch(value):
+            return value
         try:
             entry(value)
         except UnknownArchitectureError as exc:
-            raise ValueError(str(exc)) from None
+            raise ValueError(
+                f"{exc} Instance architectures: {', '.join(sorted(INSTANCE_ARCHS))}."
+            ) from None
         return value
+
+    @property
+    def instance(self) -> bool:
+        """Whether the network finds objects (Mask R-CNN) rather than scoring pixels."""
+        return is_instance_arch(self.arch)
 
     @field_validator("weights")
     @classmethod
@@ -400,8 +417,9 @@ class TilingSpec(BaseModel):
 
 
 class InstancesSpec(BaseModel):
-    """Instances from the class map: connected components of classes, numbered across the
-    whole mosaic, each object owned by exactly one write unit and seen whole through a halo."""
+    """Instances numbered across the whole mosaic, each owned by exactly one write unit and seen
+    whole through a halo: connected components of classes of the class map, or the detections
+    of an instance architecture (Mask R-CNN) run on each unit's window."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -425,6 +443,25 @@ class InstancesSpec(BaseModel):
         default=1, description="1 = 4-connected pixels form an object, 2 = 8-connected."
     )
     min_area: int = Field(default=0, ge=0, description="Objects of fewer pixels are dropped.")
+    score_threshold: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Instance architectures: detections scoring below it are dropped.",
+    )
+    mask_threshold: float = Field(
+        default=0.5,
+        gt=0,
+        lt=1,
+        description="Instance architectures: a pixel belongs to a detection whose mask "
+        "probability reaches it.",
+    )
+    max_detections: int = Field(
+        default=1000,
+        ge=1,
+        description="Instance architectures: at most this many detections per window (unit + "
+        "halo); raise it for windows crowded with objects.",
+    )
     table: Literal["parquet", "csv"] = Field(
         default="parquet",
         description=(
@@ -668,7 +705,7 @@ def _class_name_problems(model: ModelSpec | TrainModelSpec) -> Problems:
 
 def _unknown_arg_problems(model: ModelSpec | TrainModelSpec) -> Problems:
     """``model.args`` keys the architecture does not take, with the ones it does."""
-    allowed = entry(model.arch).arg_names()
+    allowed = instance_arch_args() if model.instance else entry(model.arch).arg_names()
     return [
         (
             ("model", "args", key),
@@ -876,7 +913,9 @@ class PredictJob(BaseModel):
                     "means gpus_per_worker 1/n).",
                 )
             )
-        if output.labels is None and output.probabilities is None:
+        if model.instance:
+            problems.extend(self._instance_arch_problems())
+        elif output.labels is None and output.probabilities is None:
             problems.append(
                 (
                     ("output",),
@@ -884,8 +923,21 @@ class PredictJob(BaseModel):
                     "and/or probabilities: float16.",
                 )
             )
-        if output.instances is not None:
+        if output.instances is not None and not model.instance:
             problems.extend(_instances_problems(output, model.num_classes))
+            # Compared with the defaults, not the fields set: a dumped job is validated again.
+            default = InstancesSpec()
+            for key in ("score_threshold", "mask_threshold", "max_detections"):
+                if getattr(output.instances, key) == getattr(default, key):
+                    continue
+                problems.append(
+                    (
+                        ("output", "instances", key),
+                        f"applies to instance architectures (Mask R-CNN) only; arch "
+                        f"'{model.arch}' gives a class map whose components are the objects. "
+                        f"Remove it.",
+                    )
+                )
         if output.chunk is not None and output.shard is not None and output.shard % output.chunk:
             lower = max(output.chunk, output.shard // output.chunk * output.chunk)
             problems.append(
@@ -898,12 +950,77 @@ class PredictJob(BaseModel):
 
         unknown = _unknown_arg_problems(model)
         problems.extend(unknown)
-        if not unknown:
+        if not unknown and not model.instance:
             problems.extend(self._tiling_problems())
 
         if problems:
             raise _RuleError(problems)
+        if model.instance:
+            # An instance network writes objects only: no class map unless asked (it was
+            # refused above), and the instance stage with its defaults unless configured.
+            self.output.labels = None
+            if self.output.instances is None:
+                self.output.instances = InstancesSpec()
         return self
+
+    def _instance_arch_problems(self) -> Problems:
+        """An instance architecture finds objects in each unit's window: what does not apply."""
+        model, output = self.model, self.output
+        arch = model.arch
+        problems: Problems = []
+        if model.num_classes < 2:
+            problems.append(
+                (
+                    ("model", "num_classes"),
+                    f"counts the background as class 0 for '{arch}' and must be at least 2; got "
+                    f"{model.num_classes}. Use 1 + the number of object classes.",
+                )
+            )
+        not_for_objects = {
+            ("output", "labels"): "labels" in output.model_fields_set and output.labels,
+            ("output", "probabilities"): output.probabilities is not None,
+            ("output", "preview"): output.preview is not None,
+            ("postprocess", "crf"): self.postprocess.crf is not None,
+            ("input", "mask"): self.input.mask is not None,
+            ("model", "tta"): model.tta != "none",
+            ("tiling",): self.tiling != TilingSpec(),
+        }
+        why = {
+            ("output", "labels"): "it writes no class map (the objects' pixels are in instances/)",
+            ("output", "probabilities"): "it writes no score maps",
+            ("output", "preview"): "previews draw the class map, which it does not write",
+            ("postprocess", "crf"): "the CRF refines score maps, which it does not have",
+            ("input", "mask"): "foreground masks are not supported for instance architectures "
+            "yet",
+            ("model", "tta"): "flip averaging applies to score maps",
+            ("tiling",): "its windows are the write units (output.chunk) grown by "
+            "output.instances.halo",
+        }
+        for loc, given in not_for_objects.items():
+            if given:
+                problems.append(
+                    (loc, f"does not apply to instance architecture '{arch}': {why[loc]}. Remove it.")
+                )
+        spec = output.instances
+        if spec is not None:
+            if spec.connectivity != 1:
+                problems.append(
+                    (
+                        ("output", "instances", "connectivity"),
+                        f"applies to components of a class map; '{arch}' finds objects itself. "
+                        f"Remove it.",
+                    )
+                )
+            bad = [c for c in spec.classes or [] if not 0 < c < model.num_classes]
+            if bad:
+                problems.append(
+                    (
+                        ("output", "instances", "classes"),
+                        f"must be object classes of the model (1..{model.num_classes - 1}); got "
+                        f"{bad}.",
+                    )
+                )
+        return problems
 
     def _tiling_problems(self) -> list[tuple[tuple[str | int, ...], str]]:
         from tilewise.pipeline.geometry import check_tiling
@@ -1022,6 +1139,11 @@ class TrainModelSpec(BaseModel):
     @classmethod
     def _arch_is_registered(cls, value: str) -> str:
         return ModelSpec._arch_is_registered(value)
+
+    @property
+    def instance(self) -> bool:
+        """Whether the network finds objects (Mask R-CNN) rather than scoring pixels."""
+        return is_instance_arch(self.arch)
 
     @field_validator("init")
     @classmethod

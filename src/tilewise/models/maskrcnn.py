@@ -75,6 +75,7 @@ from tilewise.models.resnet import Bottleneck
 
 __all__ = [
     "BACKBONES",
+    "INSTANCE_ARCHS",
     "BasicBlock",
     "FeaturePyramid",
     "FrozenBatchNorm2d",
@@ -82,6 +83,9 @@ __all__ = [
     "MaskRCNNConfig",
     "ResNetBody",
     "build_mask_rcnn",
+    "create_instance_model",
+    "instance_arch_args",
+    "is_instance_arch",
     "targets_from_instances",
 ]
 
@@ -91,6 +95,16 @@ BackboneName = Literal["resnet50", "resnet101", "tiny"]
 
 #: Backbone presets of :func:`build_mask_rcnn`.
 BACKBONES: tuple[str, ...] = ("resnet50", "resnet101", "tiny")
+
+#: Instance architectures jobs name in ``model.arch``, and their backbone presets. They are not in
+#: the dense registry (:mod:`tilewise.models.registry`): they return objects, not score maps, and
+#: have no tiling facts; predict jobs run them through the instance stage instead of the
+#: overlap-tile engine.
+INSTANCE_ARCHS: dict[str, str] = {
+    "mask_rcnn_r50_fpn": "resnet50",
+    "mask_rcnn_r101_fpn": "resnet101",
+    "mask_rcnn_tiny": "tiny",
+}
 
 # Minimum box side kept after decoding (torchvision: RPN 1e-3, detections 1e-2).
 _RPN_MIN_SIZE = 1e-3
@@ -1093,3 +1107,32 @@ def targets_from_instances(
         "labels": torch.tensor([classes[int(i)] for i in ids], dtype=torch.int64),
         "masks": torch.from_numpy(masks),
     }
+
+
+def is_instance_arch(name: str) -> bool:
+    """Whether ``name`` is an instance architecture (:data:`INSTANCE_ARCHS`)."""
+    return name in INSTANCE_ARCHS
+
+
+def instance_arch_args() -> list[str]:
+    """The ``model.args`` an instance architecture takes: the :class:`MaskRCNNConfig` fields."""
+    return [f.name for f in dataclasses.fields(MaskRCNNConfig)]
+
+
+def create_instance_model(
+    name: str, *, in_channels: int, num_classes: int, **arch_args: Any
+) -> MaskRCNN:
+    """Build the instance architecture ``name`` as jobs do (weights freshly initialised).
+
+    Args:
+        name: a key of :data:`INSTANCE_ARCHS`.
+        in_channels: input bands.
+        num_classes: classes including the background 0 (at least 2).
+        **arch_args: :class:`MaskRCNNConfig` fields overriding the preset's.
+    """
+    if name not in INSTANCE_ARCHS:
+        raise ConfigError(
+            f"unknown instance architecture {name!r}; known: {sorted(INSTANCE_ARCHS)}."
+            + did_you_mean(name, INSTANCE_ARCHS)
+        )
+    return build_mask_rcnn(num_classes, INSTANCE_ARCHS[name], in_channels=in_channels, **arch_args)
