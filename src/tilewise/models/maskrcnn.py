@@ -855,8 +855,10 @@ class RoIHeads(nn.Module):
         strides: Sequence[int],
         proposals: Sequence[Tensor],
         image_size: tuple[int, int],
+        paste: bool = True,
     ) -> list[dict[str, Tensor]]:
-        """Final detections per image with pasted mask probabilities."""
+        """Final detections per image with pasted mask probabilities (or, with ``paste=False``,
+        the ``M × M`` probabilities of each box as ``mask_probs``)."""
         cfg = self.config
         x = self.box_head(self.pool(features, strides, proposals, cfg.box_roi_size))
         class_logits, box_regression = self.box_predictor(x)
@@ -885,7 +887,10 @@ class RoIHeads(nn.Module):
             n = r["boxes"].shape[0]
             rows = torch.arange(n, device=logits.device)
             probs = torch.sigmoid(logits[start : start + n][rows, r["labels"]])
-            r["masks"] = paste_masks(probs, r["boxes"], *image_size)
+            if paste:
+                r["masks"] = paste_masks(probs, r["boxes"], *image_size)
+            else:
+                r["mask_probs"] = probs
             start += n
         return results
 
@@ -992,12 +997,18 @@ class MaskRCNN(nn.Module):
         roi_losses = self.roi_heads.losses(feats, self.strides, proposals, targets)
         return {**rpn_losses, **roi_losses}
 
-    def detect(self, images: Tensor) -> list[dict[str, Tensor]]:
-        """Detections per image (see the class docstring); use in ``eval()`` mode."""
+    def detect(self, images: Tensor, *, paste: bool = True) -> list[dict[str, Tensor]]:
+        """Detections per image (see the class docstring); use in ``eval()`` mode.
+
+        With ``paste=False`` each image's ``masks (D, H, W)`` are replaced by ``mask_probs (D,
+        28, 28)``, the probabilities on each box's own grid: a window crowded with objects would
+        otherwise hold D full-size masks at once (paste each into its box with
+        :func:`~tilewise.models.detection.paste_masks`).
+        """
         feats = self._features(images)
         size = (images.shape[-2], images.shape[-1])
         proposals, _ = self.rpn(feats, self.strides, size)
-        return self.roi_heads.detect(feats, self.strides, proposals, size)
+        return self.roi_heads.detect(feats, self.strides, proposals, size, paste)
 
     def forward(
         self, images: Tensor, targets: Sequence[dict[str, Tensor]] | None = None

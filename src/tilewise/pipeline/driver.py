@@ -375,6 +375,13 @@ def run_job(
         The run's report (each image's own report is stored in its output's attributes); for
         several images, the totals with one entry per image in ``images``.
     """
+    if job.model.instance:  # Mask R-CNN: no score maps; the instance stage runs the detector
+        from tilewise.pipeline.detect import run_detection_job
+
+        report: RunReport = run_detection_job(
+            job, address=address, workers=workers, overwrite=overwrite, progress=progress
+        )
+        return report
     t0 = time.perf_counter()
     singles = expand_images(job)
     prepared = [prepare(j) for j in singles]

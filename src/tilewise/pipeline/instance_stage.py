@@ -163,6 +163,8 @@ def run_instances(
     fingerprint: str | None = None,
     actor_options: dict[str, Any] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    scale: Sequence[float] | None = None,
+    attributes: dict[str, Any] | None = None,
 ) -> InstanceReport:
     """Find, number and paint the instances of an output store on Ray (already connected).
 
@@ -184,6 +186,9 @@ def run_instances(
         actor_options: extra Ray actor options (e.g. ``{"num_gpus": 1}``); default 1 CPU each.
         progress: called as ``progress(phase, units done, units to do)`` with phase ``find`` or
             ``paint``.
+        scale: pixel size (y, x) for the label image's metadata; default: that of ``labels``.
+        attributes: attributes the label image carries (CRS, transform); default: those of
+            ``labels`` (an output without a class map passes its input's).
 
     Raises:
         PlanError: an object larger than the halo (nothing is marked finished; raise the halo
@@ -288,7 +293,7 @@ def run_instances(
         len(paint_todo),
         time.perf_counter() - t0,
     )
-    _finish(store, root, report)
+    _finish(store, root, report, scale, attributes)
     return report
 
 
@@ -381,14 +386,21 @@ def _scale_of_labels(root: Any) -> list[float] | None:
         return None
 
 
-def _finish(store: InstanceStore, root: Any, report: InstanceReport) -> None:
+def _finish(
+    store: InstanceStore,
+    root: Any,
+    report: InstanceReport,
+    scale: Sequence[float] | None = None,
+    attributes: dict[str, Any] | None = None,
+) -> None:
     """Present the instance image as a finished OME-Zarr label image."""
     group = root["instances"]
-    carried = {}
-    if "labels" in root:  # CRS, transform and the like, as the class labels carry them
+    carried = dict(attributes or {})
+    if attributes is None and "labels" in root:  # CRS, transform and the like, as labels have
         carried = {k: v for k, v in root["labels"].attrs.items() if k not in ("ome", "tilewise")}
     yx = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
-    ome = _ome_image("instances", yx, _scale_of_labels(root))
+    pixel = [float(v) for v in scale] if scale is not None else _scale_of_labels(root)
+    ome = _ome_image("instances", yx, pixel)
     # Ids are arbitrary and may number billions: no per-id colours; the background is clear.
     ome["image-label"] = {
         "version": "0.5",
