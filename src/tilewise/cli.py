@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from tilewise.errors import TilewiseError
 
@@ -32,9 +33,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_dict()) if args.json else "\n".join(summary.lines()))
         return 0
     if args.plan:
+        from tilewise.pipeline.detect import plan_detection
         from tilewise.pipeline.plan import plan_job
 
-        plan = plan_job(job, address=args.address, workers=args.workers)
+        plan: Any = (
+            plan_detection(job, address=args.address, workers=args.workers)
+            if job.model.instance
+            else plan_job(job, address=args.address, workers=args.workers)
+        )
         print(json.dumps(plan.to_dict()) if args.json else "\n".join(plan.lines()))
         return 0
     report = run_job(
@@ -139,9 +145,12 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     from tilewise import models
     from tilewise.models.layers import count_parameters
+    from tilewise.models.maskrcnn import is_instance_arch
 
-    names = [models.entry(args.name).name] if args.name else models.names()
     arch_args = _arch_args(args.arg)
+    if args.name and is_instance_arch(args.name):
+        return _instance_model(args, arch_args)
+    names = [models.entry(args.name).name] if args.name else models.names()
     if arch_args and not args.name:
         from tilewise.errors import ConfigError
 
@@ -167,9 +176,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
             f"{'yes' if f.exact else 'no':<5}  {e.summary}"
         )
     if not args.name:
+        from tilewise.models.maskrcnn import INSTANCE_ARCHS
+
         print(
             f"\nparameters for {args.in_channels} input bands and {args.classes} classes, "
             "fixed bilinear up-sampling included; `tilewise models NAME` shows one in detail."
+        )
+        print(
+            f"\ninstance architectures (objects, not score maps; predict jobs stitch them with "
+            f"output.instances): {', '.join(INSTANCE_ARCHS)}"
         )
         return 0
     e = models.entry(names[0])
@@ -183,6 +198,44 @@ def _cmd_models(args: argparse.Namespace) -> int:
         print(f"  not exact   {f.note}")
     if args.probe:
         _probe(model_name=names[0], args=args, arch_args=arch_args)
+    return 0
+
+
+def _instance_model(args: argparse.Namespace, arch_args: dict[str, object]) -> int:
+    """``tilewise models mask_rcnn_...``: the network's size and settings."""
+    import dataclasses
+
+    import torch
+
+    from tilewise.models.layers import count_parameters
+    from tilewise.models.maskrcnn import INSTANCE_ARCHS, create_instance_model
+
+    if args.probe:
+        from tilewise.errors import ConfigError
+
+        raise ConfigError(
+            f"--probe measures the receptive field of score maps; '{args.name}' returns objects. "
+            f"Leave out --probe."
+        )
+    classes = max(2, args.classes)
+    with torch.device("meta"):
+        model = create_instance_model(
+            args.name, in_channels=args.in_channels, num_classes=classes, **arch_args
+        )
+    params = count_parameters(model)
+    trainable = count_parameters(model, trainable_only=True)
+    print(f"{args.name}: Mask R-CNN, {INSTANCE_ARCHS[args.name]} backbone + FPN (He et al. 2017)")
+    print(
+        f"  parameters  {params:,} for {args.in_channels} bands and {classes} classes "
+        f"(background included); {trainable:,} trained"
+    )
+    settings = ", ".join(f"{f.name}={getattr(model.config, f.name)!r}"
+                         for f in dataclasses.fields(model.config))  # fmt: skip
+    print(f"  settings    {settings}")
+    print(
+        "  tiling      no halo of its own: windows are the write units grown by "
+        "output.instances.halo (at least the largest object)"
+    )
     return 0
 
 

@@ -269,3 +269,33 @@ def test_a_detector_job_needs_no_instances_section_and_dumps_round_trip(tmp_path
     assert job.output.instances is not None and job.output.labels is None
     again = parse_job(job.model_dump(mode="json"))  # what every actor does
     assert again == job
+
+
+def test_plan_counts_units_and_aligned_windows(
+    tmp_path: Path, weights: Path, mosaic: tuple[Path, np.ndarray, np.ndarray], capsys: Any
+) -> None:
+    import json
+
+    import yaml
+
+    from tilewise.cli import main
+
+    job = _job(mosaic[0], weights, tmp_path / "out.zarr", halo=40)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", "--plan", "--json", str(tmp_path / "job.yaml")]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert not (tmp_path / "out.zarr").exists()  # a plan creates nothing
+    # Independently: each unit's window grows by the halo, is clipped to the image, and its
+    # origin moves back to a multiple of 32 (rows 88 -> 64 for the unit at 128 with halo 40).
+    computed, largest = 0, 0
+    for y in range(0, HEIGHT, CHUNK):
+        for x in range(0, WIDTH, CHUNK):
+            y0, x0 = max(0, y - 40) // 32 * 32, max(0, x - 40) // 32 * 32
+            y1, x1 = min(HEIGHT, y + CHUNK + 40), min(WIDTH, x + CHUNK + 40)
+            computed += (y1 - y0) * (x1 - x0)
+            largest = max(largest, y1 - y0, x1 - x0)
+    (image,) = plan["images"]
+    assert image["units"] == (HEIGHT // CHUNK + 1) * (WIDTH // CHUNK)
+    assert image["computed_pixels"] == computed
+    assert plan["window"] == largest
+    assert plan["actor_bytes"] > plan["weights_bytes"] > 0

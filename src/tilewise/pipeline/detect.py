@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,10 @@ from tilewise.spec import PredictJob
 __all__ = [
     "ALIGN",
     "DetectionFactory",
+    "DetectionPlan",
     "DetectionSource",
     "build_detector",
+    "plan_detection",
     "run_detection_job",
 ]
 
@@ -445,3 +448,134 @@ def _run_image(
     out.complete_levels()
     out.mark_complete(report.to_dict())
     return report
+
+
+# -- plan ---------------------------------------------------------------------------------------
+@dataclass
+class DetectionPlan:
+    """What ``tilewise run --plan`` shows for a job with an instance architecture."""
+
+    name: str
+    arch: str
+    images: list[dict[str, Any]]
+    actors: int
+    cpus_each: float
+    gpus_each: float
+    device: str
+    halo: int
+    weights_bytes: int
+    features_bytes: int
+    heads_bytes: int
+    window: int
+
+    @property
+    def actor_bytes(self) -> int:
+        """Estimated peak tensor memory of one actor (weights, window, features, heads)."""
+        return self.weights_bytes + self.features_bytes + self.heads_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return {**asdict(self), "actor_bytes": self.actor_bytes}
+
+    def lines(self) -> list[str]:
+        """The plan as text."""
+        from tilewise.pipeline.plan import _mpx, _size
+
+        out = [f"plan of '{self.name}': {self.arch}, objects stitched by the instance stage"]
+        for im in self.images:
+            out += [
+                f"  image    {im['input']}: {im['height']} x {im['width']} px -> {im['output']}",
+                f"  units    {im['units']} of {im['unit']} px; windows up to {self.window} px "
+                f"(unit + halo {self.halo}, from a multiple of {ALIGN})",
+                f"  overlap  {im['computed_pixels'] / max(1, im['output_pixels']):.2f}x "
+                f"({_mpx(im['computed_pixels'])} detected for {_mpx(im['output_pixels'])})",
+            ]
+        where = "GPU" if self.device == "cuda" else "host"
+        out += [
+            f"  actors   {self.actors} on {self.device}, {self.cpus_each:g} CPU and "
+            f"{self.gpus_each:g} GPU each",
+            f"  memory   about {_size(self.actor_bytes)} of {where} memory per actor: weights "
+            f"{_size(self.weights_bytes)}, window and feature maps {_size(self.features_bytes)}, "
+            f"RoI heads {_size(self.heads_bytes)} (estimate)",
+        ]
+        return out
+
+
+def plan_detection(
+    job: PredictJob, *, address: str | None = None, workers: int | None = None
+) -> DetectionPlan:
+    """Plan an instance-architecture job without running it (nothing is created).
+
+    The backbone's and FPN's tensor memory for the largest window is measured on the meta
+    device; the RoI heads are estimated from ``max_detections`` proposals at their pooled sizes.
+    """
+    from tilewise.pipeline.driver import actor_layout
+    from tilewise.pipeline.instances import window_of
+    from tilewise.pipeline.job import expand_images
+    from tilewise.pipeline.plan import LiveTensorTracker, _cluster_resources, _local_resources
+
+    singles = [_with_max_detections(j) for j in expand_images(job)]
+    where = address or job.compute.address or os.environ.get("RAY_ADDRESS")
+    resources = _cluster_resources(where) if where else _local_resources()
+    layout = actor_layout(job.compute, cpus=resources.cpus, gpus=resources.gpus, workers=workers)
+    spec = job.output.instances
+    assert spec is not None
+    images, window, channels = [], 0, 3
+    for j in singles:
+        image = _open_input(j)
+        channels, height, width = image.shape
+        side = j.output.shard or j.output.chunk or DEFAULT_CHUNK
+        grid = UnitGrid(height, width, side)
+        computed = 0
+        for u in range(len(grid)):
+            wy0, wy1, wx0, wx1 = window_of(grid.unit(u), spec.halo, height, width)
+            h, w = wy1 - wy0 // ALIGN * ALIGN, wx1 - wx0 // ALIGN * ALIGN
+            computed += h * w
+            window = max(window, h, w)
+        images.append(
+            {
+                "input": j.input.path,
+                "output": j.output.path,
+                "height": height,
+                "width": width,
+                "unit": side,
+                "units": len(grid),
+                "output_pixels": height * width,
+                "computed_pixels": computed,
+            }
+        )
+    m = singles[0].model
+    with torch.device("meta"):
+        model = create_instance_model(
+            m.arch, in_channels=channels, num_classes=m.num_classes, **m.args
+        )
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    padded = -(-window // ALIGN) * ALIGN
+    tracker = LiveTensorTracker()
+    with torch.inference_mode(), torch.device("meta"):
+        x = torch.empty((1, channels, padded, padded))
+        with tracker:
+            tracker.track(x)
+            model.backbone(x)  # the pyramid P2..P6 stays alive while the heads run
+    features = tracker.peak
+    cfg = model.config
+    # Per proposal: its pooled box features and MLP activations. Per detection: two of the mask
+    # head's m x m maps alive at once, the up-sampled 2m x 2m map and the K mask logits.
+    m2, k = cfg.mask_roi_size**2, m.num_classes
+    per_box = (cfg.fpn_channels * cfg.box_roi_size**2 + 2 * cfg.representation_size) * 4
+    per_mask = (2 * cfg.mask_head_channels * m2 + (cfg.mask_head_channels + k) * 4 * m2) * 4
+    heads = cfg.rpn_post_nms_top_n_test * per_box + spec.max_detections * per_mask
+    return DetectionPlan(
+        name=job.name or "job",
+        arch=m.arch,
+        images=images,
+        actors=layout.actors,
+        cpus_each=layout.cpus_each,
+        gpus_each=layout.gpus_each,
+        device=layout.device,
+        halo=spec.halo,
+        weights_bytes=int(weights),
+        features_bytes=int(features),
+        heads_bytes=int(heads),
+        window=window,
+    )
