@@ -703,6 +703,25 @@ def _class_name_problems(model: ModelSpec | TrainModelSpec) -> Problems:
     ]
 
 
+def _instance_arg_problems(model: ModelSpec | TrainModelSpec) -> Problems:
+    """``model.args`` values that Mask R-CNN's config refuses (the names are known)."""
+    from tilewise.models.maskrcnn import instance_config
+
+    try:
+        instance_config(model.arch, **model.args)
+    except ConfigError as exc:
+        return [(("model", "args"), f"{exc}")]
+    except (TypeError, ValueError) as exc:
+        return [
+            (
+                ("model", "args"),
+                f"are not valid Mask R-CNN settings ({exc}); see MaskRCNNConfig for each "
+                f"setting's type.",
+            )
+        ]
+    return []
+
+
 def _unknown_arg_problems(model: ModelSpec | TrainModelSpec) -> Problems:
     """``model.args`` keys the architecture does not take, with the ones it does."""
     allowed = instance_arch_args() if model.instance else entry(model.arch).arg_names()
@@ -952,6 +971,8 @@ class PredictJob(BaseModel):
         problems.extend(unknown)
         if not unknown and not model.instance:
             problems.extend(self._tiling_problems())
+        elif not unknown:
+            problems.extend(_instance_arg_problems(model))
 
         if problems:
             raise _RuleError(problems)
@@ -990,8 +1011,7 @@ class PredictJob(BaseModel):
             ("output", "probabilities"): "it writes no score maps",
             ("output", "preview"): "previews draw the class map, which it does not write",
             ("postprocess", "crf"): "the CRF refines score maps, which it does not have",
-            ("input", "mask"): "foreground masks are not supported for instance architectures "
-            "yet",
+            ("input", "mask"): "foreground masks are not supported for instance architectures yet",
             ("model", "tta"): "flip averaging applies to score maps",
             ("tiling",): "its windows are the write units (output.chunk) grown by "
             "output.instances.halo",
@@ -999,7 +1019,10 @@ class PredictJob(BaseModel):
         for loc, given in not_for_objects.items():
             if given:
                 problems.append(
-                    (loc, f"does not apply to instance architecture '{arch}': {why[loc]}. Remove it.")
+                    (
+                        loc,
+                        f"does not apply to instance architecture '{arch}': {why[loc]}. Remove it.",
+                    )
                 )
         spec = output.instances
         if spec is not None:
@@ -1066,7 +1089,8 @@ def _resolve_all(values: list[str], info: ValidationInfo) -> list[str]:
 
 
 class TrainDataSpec(BaseModel):
-    """The sharded dataset: Zarr groups with an ``image`` (C, H, W) and a ``label`` (H, W)."""
+    """The sharded dataset: Zarr groups with an ``image`` (C, H, W) and a ``label`` (H, W), or
+    for an instance architecture an ``image``, ``instances`` (H, W) and ``instance_classes``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -1075,7 +1099,11 @@ class TrainDataSpec(BaseModel):
         description=(
             "Training shards: paths, glob patterns or fsspec URIs of Zarr groups, each holding "
             "'image' (C, H, W), 'label' (H, W) integers and optionally 'weight' (H, W) floats "
-            "(U-Net's weight map). Relative paths are relative to the job file's folder."
+            "(U-Net's weight map). For an instance architecture (Mask R-CNN) a shard holds "
+            "'image', 'instances' (H, W) integers (0 = background, every other value one "
+            "object) and optionally 'instance_classes' (N, 2) integer rows (id, class) with "
+            "class in 1..num_classes-1 (without it every object is class 1). Relative paths "
+            "are relative to the job file's folder."
         ),
     )
     val_shards: list[str] | None = Field(
@@ -1091,7 +1119,12 @@ class TrainDataSpec(BaseModel):
         description="Share of the shards held out when val_shards is null (the split is by shard).",
     )
     ignore_index: int = Field(
-        default=255, ge=0, description="Label value that counts nowhere (unlabelled pixels)."
+        default=255,
+        ge=0,
+        description=(
+            "Label value that counts nowhere (unlabelled pixels); not used by instance "
+            "architectures, whose shards have no ignored pixels."
+        ),
     )
     storage_options: dict[str, Any] | None = Field(
         default=None, description="fsspec options (credentials, endpoints) for shard URIs."
@@ -1117,7 +1150,13 @@ class TrainModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     arch: str = Field(description="Registered architecture name (`tilewise models`).")
-    num_classes: int = Field(ge=1, description="Number of classes (label values 0..n-1).")
+    num_classes: int = Field(
+        ge=1,
+        description=(
+            "Number of classes (label values 0..n-1); for Mask R-CNN, the background 0 and the "
+            "object classes (at least 2)."
+        ),
+    )
     in_channels: int | None = Field(
         default=None, ge=1, description="Input channels; null = the shards' band count."
     )
@@ -1156,20 +1195,29 @@ class PatchSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    size: int = Field(ge=8, description="Patch side in pixels (a valid input size of the net).")
+    size: int = Field(
+        ge=8,
+        description=(
+            "Patch side in pixels (a valid input size of the net; any size for Mask R-CNN, "
+            "which pads its input)."
+        ),
+    )
     sampler: Literal["uniform", "class_balanced", "foreground"] = Field(
         default="uniform",
         description=(
             "uniform: anywhere; class_balanced: centred on a pixel of a class drawn uniformly "
-            "(rare classes as often as common ones); foreground: centred on a non-background "
-            "pixel with probability foreground_p."
+            "(rare classes as often as common ones; for Mask R-CNN the classes of the objects' "
+            "pixels and the background); foreground: centred on a non-background pixel (for "
+            "Mask R-CNN, a pixel of an object) with probability foreground_p."
         ),
     )
     foreground_p: float = Field(
         default=0.5, ge=0, le=1, description="foreground sampler: share of foreground patches."
     )
     background_class: int = Field(
-        default=0, ge=0, description="foreground sampler: the class that is not foreground."
+        default=0,
+        ge=0,
+        description="foreground sampler: the class that is not foreground (0 for Mask R-CNN).",
     )
 
 
@@ -1262,18 +1310,43 @@ class CheckpointSpec(BaseModel):
 
 
 class ValidationSpec(BaseModel):
-    """Validation on the held-out shards through the predict engine (overlap-tile)."""
+    """Validation on the held-out shards through the predict engine (overlap-tile), or for an
+    instance architecture by detection AP in whole windows."""
 
     model_config = ConfigDict(extra="forbid")
 
     every: int = Field(default=200, ge=1, description="Steps between validations.")
     tile: int | None = Field(
-        default=None, ge=1, description="Tile of the overlap-tile engine; null = patch.size."
+        default=None,
+        ge=1,
+        description=(
+            "Tile of the overlap-tile engine; null = patch.size. For Mask R-CNN the side of the "
+            "windows detected whole (ground truth cut to the same window); null = 256."
+        ),
     )
     batch_size: int = Field(default=4, ge=1, description="Windows per forward pass.")
-    metric: Literal["mean_iou", "pixel_accuracy", "mean_accuracy", "frequency_weighted_iou"] = (
-        Field(default="mean_iou", description="The FCN metric that picks the best weights.")
+    metric: (
+        Literal[
+            "mean_iou",
+            "pixel_accuracy",
+            "mean_accuracy",
+            "frequency_weighted_iou",
+            "mask_ap50",
+            "box_ap50",
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description=(
+            "The score that picks the best weights: an FCN metric (mean_iou, pixel_accuracy, "
+            "mean_accuracy, frequency_weighted_iou) for dense architectures, mask_ap50 or "
+            "box_ap50 (COCO AP at IoU 0.5) for Mask R-CNN; null = mean_iou, or mask_ap50 for "
+            "Mask R-CNN."
+        ),
     )
+
+
+_INSTANCE_METRICS = ("mask_ap50", "box_ap50")
 
 
 class TrainJob(BaseModel):
@@ -1303,7 +1376,8 @@ class TrainJob(BaseModel):
         default_factory=lambda: {"kind": "cross_entropy"},
         description=(
             "The loss: {kind: cross_entropy | weighted_cross_entropy | dice | sum, ...} "
-            "(see tilewise.losses.build_loss)."
+            "(see tilewise.losses.build_loss). Mask R-CNN trains with its own five losses: "
+            "leave it out."
         ),
     )
     optimizer: OptimizerSpec = Field(default=OptimizerSpec(), description="The optimiser.")
@@ -1321,7 +1395,10 @@ class TrainJob(BaseModel):
     )
     batch_size: int = Field(default=8, ge=1, description="Patches per step and worker.")
     amp: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Mixed precision: auto = bfloat16 on CUDA, float32 on CPU."
+        default="auto",
+        description=(
+            "Mixed precision: auto = bfloat16 on CUDA, float32 on CPU (and for Mask R-CNN)."
+        ),
     )
     scaling: ScalingSpec = Field(default=ScalingSpec(), description="Workers and resources.")
     checkpoint: CheckpointSpec = Field(default=CheckpointSpec(), description="Checkpoints.")
@@ -1370,29 +1447,22 @@ class TrainJob(BaseModel):
                 )
             )
         problems.extend(_class_name_problems(model))
-        if self.data.ignore_index < model.num_classes:
-            problems.append(
-                (
-                    ("data", "ignore_index"),
-                    f"must not be a class (0..{model.num_classes - 1}); got "
-                    f"{self.data.ignore_index}. Use e.g. 255.",
-                )
-            )
-        if self.patch.background_class >= model.num_classes:
-            problems.append(
-                (
-                    ("patch", "background_class"),
-                    f"must be a class of the model (0..{model.num_classes - 1}); got "
-                    f"{self.patch.background_class}.",
-                )
-            )
+        if model.instance:
+            # ignore_index is not checked: instance shards have no ignored pixels (0 is the
+            # background), so the default 255 and any other value are unused alike
+            problems.extend(self._instance_arch_problems())
+        else:
+            problems.extend(self._dense_arch_problems())
         if self.schedule.name == "step" and self.schedule.step_size is None:
             problems.append(
                 (("schedule", "step_size"), "schedule 'step' needs step_size (steps per decay).")
             )
         unknown = _unknown_arg_problems(model)
         problems.extend(unknown)
-        if not unknown:
+        if not unknown and model.instance:
+            problems.extend(self._instance_arg_problems())
+        elif not unknown:
+            # Mask R-CNN pads its input itself: the size rule and the margin are dense-only
             try:
                 arch_facts = facts(
                     model.arch,
@@ -1426,6 +1496,83 @@ class TrainJob(BaseModel):
         if problems:
             raise _RuleError(problems)
         return self
+
+    def _dense_arch_problems(self) -> Problems:
+        """The rules of a network that scores pixels (everything but Mask R-CNN)."""
+        model = self.model
+        problems: Problems = []
+        if self.data.ignore_index < model.num_classes:
+            problems.append(
+                (
+                    ("data", "ignore_index"),
+                    f"must not be a class (0..{model.num_classes - 1}); got "
+                    f"{self.data.ignore_index}. Use e.g. 255.",
+                )
+            )
+        if self.patch.background_class >= model.num_classes:
+            problems.append(
+                (
+                    ("patch", "background_class"),
+                    f"must be a class of the model (0..{model.num_classes - 1}); got "
+                    f"{self.patch.background_class}.",
+                )
+            )
+        metric = self.validation.metric
+        if metric in _INSTANCE_METRICS:
+            problems.append(
+                (
+                    ("validation", "metric"),
+                    f"{metric} scores detected objects, but arch '{model.arch}' scores pixels; "
+                    f"got {metric}. Use mean_iou, pixel_accuracy, mean_accuracy or "
+                    f"frequency_weighted_iou (or leave it out: mean_iou).",
+                )
+            )
+        return problems
+
+    def _instance_arch_problems(self) -> Problems:
+        """The rules of an instance architecture (Mask R-CNN): what does not apply to it."""
+        model = self.model
+        problems: Problems = []
+        arch = model.arch
+        if model.num_classes < 2:
+            problems.append(
+                (
+                    ("model", "num_classes"),
+                    f"counts the background as class 0 for '{arch}' and must be at least 2; got "
+                    f"{model.num_classes}. Use 1 + the number of object classes.",
+                )
+            )
+        if self.loss != {"kind": "cross_entropy"}:
+            problems.append(
+                (
+                    ("loss",),
+                    f"does not apply to instance architecture '{arch}': Mask R-CNN trains with "
+                    f"its own five losses (objectness, proposal boxes, classifier, boxes, "
+                    f"masks), summed; got {_show(self.loss)}. Remove it.",
+                )
+            )
+        metric = self.validation.metric
+        if metric is not None and metric not in _INSTANCE_METRICS:
+            problems.append(
+                (
+                    ("validation", "metric"),
+                    f"{metric} scores class maps, which instance architecture '{arch}' does not "
+                    f"make; got {metric}. Use mask_ap50 or box_ap50 (or leave it out: "
+                    f"mask_ap50).",
+                )
+            )
+        if self.patch.background_class != 0:
+            problems.append(
+                (
+                    ("patch", "background_class"),
+                    f"the background of an instance shard is id 0 and every object is "
+                    f"foreground for '{arch}'; got {self.patch.background_class}. Remove it.",
+                )
+            )
+        return problems
+
+    def _instance_arg_problems(self) -> Problems:
+        return _instance_arg_problems(self.model)
 
     @property
     def run_name(self) -> str:

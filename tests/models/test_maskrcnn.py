@@ -238,6 +238,24 @@ def test_train_forward_gives_finite_losses_and_gradients() -> None:
         assert grad is not None and bool(torch.isfinite(grad).all()) and grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_trains_and_detects(dtype: torch.dtype) -> None:
+    # AMP as training and predict jobs run it (autocast; CPU here, CUDA on a GPU): RoIAlign
+    # writes the pooled samples into a buffer of the features' dtype, whatever autocast chose.
+    torch.manual_seed(0)
+    model = build_mask_rcnn(3, "tiny").train()
+    a = scene([(1, 16, 16, 8), (2, 44, 40, 10)])
+    with torch.autocast("cpu", dtype=dtype):
+        losses = model.losses(a[0][None], [a[1]])
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    grad = model.get_parameter("roi_heads.mask_predictor.mask_fcn_logits.weight").grad
+    assert grad is not None and bool(torch.isfinite(grad).all())
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype):
+        (found,) = model.eval().detect(a[0][None])
+    assert found["masks"].shape[1:] == a[0].shape[1:]
+
+
 def test_train_mode_checks_targets() -> None:
     model = build_mask_rcnn(3, "tiny").train()
     img, t = scene([(1, 16, 16, 8)])

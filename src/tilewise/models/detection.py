@@ -219,7 +219,8 @@ def _roi_align_fixed_grid(
             features[b : b + 1], grid, mode="bilinear", padding_mode="border", align_corners=True
         ).view(C, sel.numel(), sh, sw)
         sampled = sampled.transpose(0, 1) * valid[sel][:, None].to(sampled.dtype)
-        out[sel] = F.avg_pool2d(sampled, kernel_size=(grid_h, grid_w))
+        # Under autocast the pooled samples may come out in another dtype than ``out``.
+        out[sel] = F.avg_pool2d(sampled, kernel_size=(grid_h, grid_w)).to(out.dtype)
     return out
 
 

@@ -85,6 +85,7 @@ __all__ = [
     "build_mask_rcnn",
     "create_instance_model",
     "instance_arch_args",
+    "instance_config",
     "is_instance_arch",
     "targets_from_instances",
 ]
@@ -1128,6 +1129,20 @@ def is_instance_arch(name: str) -> bool:
 def instance_arch_args() -> list[str]:
     """The ``model.args`` an instance architecture takes: the :class:`MaskRCNNConfig` fields."""
     return [f.name for f in dataclasses.fields(MaskRCNNConfig)]
+
+
+def instance_config(name: str, **arch_args: Any) -> MaskRCNNConfig:
+    """The :class:`MaskRCNNConfig` the instance architecture ``name`` gets with ``arch_args``.
+
+    Raises:
+        ConfigError: an unknown architecture or setting, or a value out of range.
+    """
+    if name not in INSTANCE_ARCHS:
+        raise ConfigError(
+            f"unknown instance architecture {name!r}; known: {sorted(INSTANCE_ARCHS)}."
+            + did_you_mean(name, INSTANCE_ARCHS)
+        )
+    return MaskRCNNConfig(**{**_PRESETS[INSTANCE_ARCHS[name]], **arch_args})
 
 
 def create_instance_model(

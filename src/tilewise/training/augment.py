@@ -8,7 +8,12 @@ standard deviation. Per-pixel displacements are then computed using bicubic inte
 Geometric transforms move the image, the label and the weight map together. The image is
 resampled bilinearly; labels and weights with nearest neighbour, so that a label stays a valid
 class id (interpolating between class 1 and class 3 would invent class 2). Intensity jitter
-(brightness, contrast) touches the image only.
+(brightness, contrast) touches the image only. The object ids of an instance shard go where the
+label goes and are moved the same way: nearest neighbour keeps every id an id of the input (an
+interpolated id would name another object, or none). Positions that the elastic field moves
+outside the patch are mirrored into it, so an object within a few pixels of the border may gain a
+mirrored piece with the same id at the border; its target is then both pieces as one object (one
+mask, one box around both), a rare and small error that the dense labels share.
 
 Everything runs on numpy arrays, image (C, h, w), label (h, w), weight (h, w) or ``None``,
 drawn from a numpy ``Generator`` that the caller passes (the loader derives one per patch, so

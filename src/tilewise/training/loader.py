@@ -15,6 +15,11 @@ batches, augmentations included, that the uninterrupted run would have produced.
 
 ``in_memory=True`` reads every shard into RAM first (:meth:`Shard.load`): the baseline that a
 benchmark holds the Zarr loader against.
+
+Instance shards (Mask R-CNN): the batch's ``label`` holds each patch's object ids (int64), and
+the threads also turn every augmented patch into its Mask R-CNN target
+(:func:`tilewise.training.instances.patch_target`: boxes, labels, masks), handed out as
+:attr:`PatchLoader.targets` beside the batch, as :attr:`PatchLoader.patches` is.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class _Ready(NamedTuple):
     batch: Batch
     patches: list[Patch]
     position: tuple[int, dict[str, Any]]  # the sampler after this batch's patches
+    targets: list[dict[str, torch.Tensor]] | None  # Mask R-CNN targets (instance shards)
 
 
 def _as_float32(x: torch.Tensor) -> torch.Tensor:
@@ -87,6 +93,7 @@ class _Pipeline:
         self.num_batches = num_batches
         self.with_weight = with_weight
         self.pin_memory = pin_memory
+        self.instances = bool(getattr(sources[0], "instances", False)) if sources else False
         self.cond = threading.Condition()
         self.ready: dict[int, _Ready] = {}
         self.next_assign = 0
@@ -117,11 +124,11 @@ class _Pipeline:
                     first = self.sampler.drawn
                     patches = self.sampler.take(self.batch_size)
                     position = self.sampler.position()
-                batch = self.build(patches, first)
+                batch, targets = self.build(patches, first)
                 with self.cond:
                     if self.closed:
                         return
-                    self.ready[k] = _Ready(batch, patches, position)
+                    self.ready[k] = _Ready(batch, patches, position, targets)
                     self.cond.notify_all()
         except BaseException as exc:  # handed to the consumer, which re-raises it
             with self.cond:
@@ -129,9 +136,14 @@ class _Pipeline:
                     self.error = exc
                 self.cond.notify_all()
 
-    def build(self, patches: list[Patch], first: int) -> Batch:
+    def build(
+        self, patches: list[Patch], first: int
+    ) -> tuple[Batch, list[dict[str, torch.Tensor]] | None]:
+        from tilewise.training.instances import patch_target
+
         ph, pw = self.sampler.patch_size
         images, labels, weights = [], [], []
+        targets: list[dict[str, torch.Tensor]] | None = [] if self.instances else None
         read_s = augment_s = 0.0
         nbytes = 0
         for j, (i, y0, x0) in enumerate(patches):
@@ -144,6 +156,8 @@ class _Pipeline:
             if self.augment is not None:
                 rng = np.random.default_rng([*self.seed, first + j])
                 image, label, weight = self.augment(image, label, weight, rng)
+            if targets is not None:
+                targets.append(patch_target(label, self.sources[i].object_classes()))
             augment_s += time.perf_counter() - t1
             read_s += t1 - t0
             images.append(image)
@@ -167,7 +181,7 @@ class _Pipeline:
             self.read_s += read_s
             self.augment_s += augment_s
             self.collate_s += collate_s
-        return Batch(x, y, w)
+        return Batch(x, y, w), targets
 
     def stop(self, timeout: float = 60.0) -> None:
         with self.cond:
@@ -262,6 +276,8 @@ class PatchLoader:
         self._batches = 0
         #: The patches of the last batch handed out.
         self.patches: list[Patch] = []
+        #: The Mask R-CNN targets of the last batch handed out (instance shards; else None).
+        self.targets: list[dict[str, torch.Tensor]] | None = None
 
     # -------------------------------------------------------------------- lifecycle
 
@@ -327,6 +343,7 @@ class PatchLoader:
             raise RuntimeError("this PatchLoader is closed; make a new one")
         self.sampler.seek(ready.position)
         self.patches = ready.patches
+        self.targets = ready.targets
         self._batches += 1
         return ready.batch
 

@@ -10,6 +10,13 @@ exactly the patches the uninterrupted one would have drawn.
 Rank 0 validates on the held-out shards through the predict engine itself (overlap-tile, the
 code path of predict jobs), writes the metrics (JSONL), keeps the best weights, and at the end
 writes the model package.
+
+An instance architecture (Mask R-CNN) runs the same loop on instance shards with these
+differences: each patch comes with its target (boxes, labels, masks; see
+:mod:`tilewise.training.instances`), the loss is the sum of the network's own five losses (each
+also logged), DDP looks for parameters a step did not use (a batch without objects leaves the
+mask head idle), and validation runs ``detect`` window by window and scores mask and box AP at
+IoU 0.5 (``val_mask_ap50``, ``val_box_ap50``).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from tilewise.metrics import ConfusionMatrix
 from tilewise.models import TilingFacts
 from tilewise.spec import TrainJob
 
-__all__ = ["build_network", "lr_factor", "train_loop", "validate"]
+__all__ = ["build_network", "lr_factor", "train_loop", "validate", "validation_metric"]
 
 # The FCN paper's four metrics (and Dice), reported as val_<name>.
 VALIDATION_METRICS = (
@@ -82,7 +89,17 @@ def build_network(job: TrainJob, in_channels: int) -> nn.Module:
     """The job's network: from ``model.init`` weights, or seeded (the same on every rank)."""
     m = job.model
     torch.manual_seed(job.seed)
-    model = models.create(m.arch, in_channels=in_channels, num_classes=m.num_classes, **m.args)
+    model: nn.Module
+    if m.instance:
+        from tilewise.models.maskrcnn import create_instance_model
+
+        model = create_instance_model(
+            m.arch, in_channels=in_channels, num_classes=m.num_classes, **m.args
+        )
+    else:
+        model = models.create(
+            m.arch, in_channels=in_channels, num_classes=m.num_classes, **m.args
+        )
     if m.init:
         from tilewise.training.run import load_init
 
@@ -142,6 +159,15 @@ def validate(
     return {k: summary[k] for k in VALIDATION_METRICS}
 
 
+def validation_metric(job: TrainJob) -> str:
+    """The validation score that picks the best weights (``validation.metric``, whose null
+    default is mean_iou for dense architectures and mask_ap50 for instance ones)."""
+    metric = job.validation.metric
+    if metric is None:
+        return "mask_ap50" if job.model.instance else "mean_iou"
+    return str(metric)
+
+
 def _facts(job: TrainJob, in_channels: int) -> TilingFacts:
     m = job.model
     return models.facts(m.arch, in_channels=in_channels, num_classes=m.num_classes, **m.args)
@@ -190,7 +216,8 @@ def train_loop(config: dict[str, Any]) -> None:
     device = get_device() if world > 0 else torch.device("cpu")
 
     model = build_network(job, in_channels)
-    facts = _facts(job, in_channels)
+    instance = job.model.instance
+    margin = 0 if instance else _facts(job, in_channels).margin
     optimizer = _optimizer(job, model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(job, step, total)
@@ -212,9 +239,16 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0 and store.local
         else None
     )
-    net = prepare_model(model) if world > 1 else model.to(device)
-    criterion = build_loss(job.loss).to(device)
+    if world > 1:
+        # Mask R-CNN: a batch without objects (or without a positive proposal) leaves the mask
+        # head out of the graph, which plain DDP would wait for forever
+        options = {"find_unused_parameters": True} if instance else None
+        net = prepare_model(model, parallel_strategy_kwargs=options)
+    else:
+        net = model.to(device)
+    criterion = None if instance else build_loss(job.loss).to(device)
     weighted = isinstance(criterion, WeightedCrossEntropy)
+    metric = validation_metric(job)
     normalizer = Normalizer(job.normalize, train_shards[0].dtype, in_channels)
 
     def sampler_for(epoch: int) -> Any:
@@ -271,15 +305,25 @@ def train_loop(config: dict[str, Any]) -> None:
             torch.manual_seed(
                 int(np.random.SeedSequence([job.seed, rank, step]).generate_state(1)[0])
             )
-            with _autocast(job, device):
-                scores = net(x)
-            scores = scores.float()
-            y = _crop(y, facts.margin)
-            if weighted:
-                assert w is not None, "weighted_cross_entropy needs shards with a weight array"
-                loss = criterion(scores, y, _crop(w.to(device), facts.margin))
+            parts: dict[str, torch.Tensor] = {}
+            if instance:
+                assert loader.targets is not None, "instance shards give targets"
+                targets = [{k: v.to(device) for k, v in t.items()} for t in loader.targets]
+                with _autocast(job, device):
+                    parts = net(x, targets)  # train mode: the five losses
+                parts = {k: v.float() for k, v in parts.items()}
+                loss = torch.stack(list(parts.values())).sum()
             else:
-                loss = criterion(scores, y)
+                assert criterion is not None
+                with _autocast(job, device):
+                    scores = net(x)
+                scores = scores.float()
+                y = _crop(y, margin)
+                if weighted:
+                    assert w is not None, "weighted_cross_entropy needs shards with a weight array"
+                    loss = criterion(scores, y, _crop(w.to(device), margin))
+                else:
+                    loss = criterion(scores, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -289,14 +333,30 @@ def train_loop(config: dict[str, Any]) -> None:
                 "step": step,
                 "epoch": epoch,
                 "loss": float(loss.detach()),
+                **{k: float(v.detach()) for k, v in parts.items()},
                 "lr": optimizer.param_groups[0]["lr"],
             }
             validate_now = bool(val_shards) and (step % job.validation.every == 0 or step == total)
             save_now = step % job.checkpoint.every == 0 or step == total or validate_now
             if validate_now and rank == 0:
-                scores_val = validate(_inner(net), job, val_shards, normalizer, device)
+                if instance:
+                    from tilewise.training.instances import (
+                        DEFAULT_VALIDATION_TILE,
+                        validate_instances,
+                    )
+
+                    scores_val = validate_instances(
+                        _inner(net),
+                        val_shards,
+                        normalizer,
+                        device,
+                        tile=job.validation.tile or DEFAULT_VALIDATION_TILE,
+                        batch_size=job.validation.batch_size,
+                    )
+                else:
+                    scores_val = validate(_inner(net), job, val_shards, normalizer, device)
                 metrics.update({f"val_{k}": v for k, v in scores_val.items()})
-                score = scores_val[job.validation.metric]
+                score = scores_val[metric]
                 if not math.isnan(score) and score > best:
                     best = score
                     store.save_best(_inner(net).state_dict(), metrics)

@@ -1,7 +1,8 @@
 """The driver of a train job: check everything, run Ray Train, write the model package.
 
 Every check that can fail on the user's data runs here, before any worker starts: the shards
-(shapes, label values, band counts, patch size), the train/validation split, the number of
+(shapes, label values or, for an instance architecture, object ids and their classes, band
+counts, patch size), the train/validation split, the number of
 workers against the number of shards, and the initial weights. Then a ``TorchTrainer`` runs
 :func:`~tilewise.training.loop.train_loop` on ``scaling.workers`` workers (0 = in this process).
 Running the same job again (same ``name`` and ``storage``) resumes from its last checkpoint, which
@@ -121,6 +122,7 @@ def prepare_training(job: TrainJob) -> dict[str, Any]:
         ignore_index=d.ignore_index,
         patch_size=job.patch.size,
         storage_options=options,
+        instances=job.model.instance,
     )
     val_locations = held_out if d.val_shards is None else d.val_shards
     val = (
@@ -130,6 +132,7 @@ def prepare_training(job: TrainJob) -> dict[str, Any]:
             ignore_index=d.ignore_index,
             patch_size=1,  # validated whole, by overlap-tile: no patch is cut from them
             storage_options=options,
+            instances=job.model.instance,
         )
         if val_locations
         else []
@@ -295,9 +298,10 @@ class _Progress:
         )
 
         from tilewise.training.checkpoints import CheckpointStore, read_metrics
+        from tilewise.training.loop import validation_metric
 
         store = CheckpointStore(self.root, self.job.data.storage_options)
-        key = f"val_{self.job.validation.metric}"
+        key = f"val_{validation_metric(self.job)}"
         columns = (
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -372,11 +376,12 @@ def _write_curves(job: TrainJob, root: str) -> None:
 
 def _fill_metrics(summary: TrainSummary, job: TrainJob) -> None:
     from tilewise.training.checkpoints import CheckpointStore, read_metrics
+    from tilewise.training.loop import validation_metric
 
     rows = read_metrics(CheckpointStore(summary.run_dir, job.data.storage_options))
     if rows:
         summary.final = rows[-1]
-    key = f"val_{job.validation.metric}"
+    key = f"val_{validation_metric(job)}"
     scored = [r for r in rows if key in r and not math.isnan(float(r[key]))]
     if scored:
         summary.best = max(scored, key=lambda r: float(r[key]))

@@ -21,6 +21,11 @@ drawing a pixel of that class uniformly and then moving the centre by less than 
 the cell is at most half the patch, the patch always contains the whole cell, hence at least one
 pixel of the class. The index is built by one block-by-block scan of each label array and kept
 on the shard for later epochs.
+
+Instance shards (Mask R-CNN) are indexed through the class of each pixel's object
+(:meth:`~tilewise.training.shards.Shard.label_blocks`): the foreground sampler centres patches on
+objects (any id but 0), and the class-balanced one on a class of objects drawn uniformly (or on
+the background, class 0, as for dense labels).
 """
 
 from __future__ import annotations

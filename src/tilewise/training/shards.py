@@ -7,6 +7,23 @@ A dataset is a list of shards, e.g. one per slide or scene. Each shard is a Zarr
 * ``weight`` (optional): (H, W) per-pixel loss weights, e.g. U-Net's weight map
   (:func:`tilewise.losses.unet_weight_map`), read as float32.
 
+Instance shards (for the instance architectures, Mask R-CNN; ``open_shards(..., instances=True)``)
+hold objects instead of class ids:
+
+* ``image``: (C, H, W), as above;
+* ``instances``: (H, W) integers, 0 for the background and every other value one object (ids need
+  not be consecutive, and an id may appear in several shards: ids are per shard);
+* ``instance_classes`` (optional): (N, 2) integers, one ``(id, class)`` row per object, class in
+  ``1..num_classes-1`` (0 is the background). Without it every object is class 1. Rows for ids
+  that the shard does not hold are allowed (e.g. a table shared by crops of one slide).
+
+A ``weight`` or ``label`` array in an instance shard is not read. The check of an instance shard
+(block by block too) refuses negative ids, an object id without a row in ``instance_classes``,
+rows with a class outside ``1..num_classes-1`` or an id of 0 or below, and ids given two rows.
+For the samplers an instance shard's :meth:`Shard.label_blocks` are class maps: each pixel the
+class of its object (0 for the background), so the foreground sampler centres patches on objects
+and the class-balanced one on the object classes.
+
 :func:`open_shards` checks the whole dataset before any training starts, so that a bad label
 value or a patch that does not fit stops the run in seconds rather than after hours on a cluster.
 The label check reads each label array block by block (never whole: a slide's labels can be tens
@@ -33,6 +50,7 @@ from tilewise.spec import is_pattern
 __all__ = [
     "CHUNK_CACHE",
     "InMemoryShard",
+    "ObjectClasses",
     "Shard",
     "expand_locations",
     "open_shards",
@@ -130,6 +148,66 @@ def _read_window(
     return read_blocked(leading, array.dtype, (y0, y1, x0, x1), (ch, cw), block)
 
 
+# Object ids up to this size are looked up in a dense table (2 bytes per possible id: 32 MB at
+# most); larger ids by binary search in the sorted ids.
+_LOOKUP_TABLE_IDS = 1 << 24
+
+
+class ObjectClasses:
+    """The class of each object of an instance shard: ``instance_classes`` as a lookup.
+
+    Args:
+        ids: object ids (>= 1, unique), any order.
+        classes: their classes, same length.
+        default: the class of every object when the shard has no ``instance_classes`` (then
+            ``ids`` and ``classes`` are empty and no id is missing a class).
+    """
+
+    def __init__(self, ids: np.ndarray, classes: np.ndarray, default: int | None = None) -> None:
+        order = np.argsort(ids, kind="stable")
+        self.ids = np.asarray(ids, np.int64)[order]
+        self.classes = np.asarray(classes, np.int64)[order]
+        self.default = default
+        self._table: np.ndarray | None = None
+        if default is None and self.ids.size and int(self.ids[-1]) < _LOOKUP_TABLE_IDS:
+            # index id -> class, -1 where no row; the last entry stands for every larger id
+            table = np.full(int(self.ids[-1]) + 2, -1, np.int16)
+            table[0] = 0
+            table[self.ids] = self.classes
+            self._table = table
+
+    @classmethod
+    def all_one(cls, default: int = 1) -> ObjectClasses:
+        """Every object of class ``default`` (a shard without ``instance_classes``)."""
+        return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), default)
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        """The class of each pixel's object (0 for the background, -1 for an id without a
+        class or a negative id), as int64 of the shape of ``ids``."""
+        wide = np.asarray(ids).astype(np.int64, copy=False)
+        if self.default is not None:
+            out = np.where(wide > 0, self.default, np.where(wide == 0, 0, -1))
+        elif self._table is not None:
+            last = self._table.size - 1  # holds -1: ids above the largest and negative ids
+            out = self._table[np.where((wide < 0) | (wide > last), last, wide)]
+        elif self.ids.size:
+            pos = np.minimum(np.searchsorted(self.ids, wide), self.ids.size - 1)
+            out = np.where(self.ids[pos] == wide, self.classes[pos], -1)
+            out[wide == 0] = 0
+        else:
+            out = np.where(wide == 0, 0, -1)
+        return np.asarray(out, np.int64)
+
+    def mapping(self, ids: np.ndarray) -> dict[int, int]:
+        """``{id: class}`` for object ids (>= 1) that have a class."""
+        ids = np.asarray(ids)
+        classes = self.lookup(ids)
+        return {int(i): int(c) for i, c in zip(ids, classes, strict=True) if c > 0}
+
+
 class _Cache:
     """What a :class:`Shard` opens or computes lazily; pickles without the open arrays."""
 
@@ -137,6 +215,7 @@ class _Cache:
         self.lock = threading.Lock()
         self.arrays: dict[str, Any] | None = None
         self.counts: np.ndarray | None = None
+        self.objects: ObjectClasses | None = None
         self.indexes: dict[Any, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -152,16 +231,24 @@ class _Cache:
 @dataclass(frozen=True)
 class Shard:
     """One training shard: a Zarr group with ``image`` (C, H, W), ``label`` (H, W) and an
-    optional ``weight`` (H, W). Made by :func:`open_shards`, which checks it.
+    optional ``weight`` (H, W), or an instance shard with ``image``, ``instances`` (H, W) and an
+    optional ``instance_classes`` (N, 2) (see the module docstring). Made by
+    :func:`open_shards`, which checks it.
 
     Attributes:
         location: path or fsspec URI of the group.
         shape: (C, H, W) of the image.
         dtype: the image's dtype.
-        has_weight: whether the group has a ``weight`` array.
-        num_classes: class ids are ``0..num_classes-1``.
-        ignore_index: the label of pixels that count nowhere (``None``: no such label).
+        has_weight: whether the group has a ``weight`` array (always false for instances).
+        num_classes: class ids are ``0..num_classes-1`` (for instances: the background 0 and the
+            object classes).
+        ignore_index: the label of pixels that count nowhere (``None``: no such label; not used
+            by instance shards).
         storage_options: fsspec options for URLs.
+        instances: an instance shard: :meth:`read` gives object ids where a dense shard gives
+            class ids.
+        has_classes: an instance shard with an ``instance_classes`` table (else every object
+            is class 1).
 
     A shard pickles cheaply (the location, the facts above and its class counts), so a driver can
     open and check the dataset once and hand the list to every training worker.
@@ -176,9 +263,16 @@ class Shard:
     storage_options: dict[str, Any] | None = field(
         default=None, repr=False, compare=False, hash=False
     )
+    instances: bool = False
+    has_classes: bool = False
     _cache: _Cache = field(
         default_factory=_Cache, init=False, repr=False, compare=False, hash=False
     )
+
+    @property
+    def label_name(self) -> str:
+        """The array of per-pixel targets: 'label', or 'instances' for an instance shard."""
+        return "instances" if self.instances else "label"
 
     @property
     def height(self) -> int:
@@ -196,19 +290,33 @@ class Shard:
             with cache.lock:
                 if cache.arrays is None:
                     group = open_node(self.location, "r", self.storage_options, "training shard")
-                    names = ["image", "label"] + (["weight"] if self.has_weight else [])
+                    names = ["image", self.label_name] + (["weight"] if self.has_weight else [])
                     cache.arrays = {name: group[name] for name in names}
         return cache.arrays
+
+    def object_classes(self) -> ObjectClasses:
+        """An instance shard's object classes (``instance_classes``, read and checked once)."""
+        if not self.instances:
+            raise ValueError(f"shard '{self.location}' is not an instance shard")
+        cache = self._cache
+        if cache.objects is None:
+            objects = _read_object_classes(self)
+            with cache.lock:
+                if cache.objects is None:
+                    cache.objects = objects
+        return cache.objects
 
     def read(
         self, y0: int, y1: int, x0: int, x1: int, *, with_weight: bool = True
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """Pixels ``[y0:y1, x0:x1]``: image (C, h, w) in its dtype, label (h, w) in its dtype,
-        weight (h, w) float32, or ``None`` when the shard has none or ``with_weight`` is false."""
+        """Pixels ``[y0:y1, x0:x1]``: image (C, h, w) in its dtype, label (h, w) in its dtype
+        (object ids for an instance shard), weight (h, w) float32, or ``None`` when the shard has
+        none or ``with_weight`` is false."""
         _check_window(self.shape, y0, y1, x0, x1)
         arrays = self._arrays()
+        name = self.label_name
         image = _read_window(arrays["image"], (self.location, "image"), y0, y1, x0, x1)
-        label = _read_window(arrays["label"], (self.location, "label"), y0, y1, x0, x1)
+        label = _read_window(arrays[name], (self.location, name), y0, y1, x0, x1)
         weight = None
         if self.has_weight and with_weight:
             weight = _read_window(
@@ -217,15 +325,30 @@ class Shard:
         return image, label, weight
 
     def read_array(self, name: str, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """One array's pixels ``[..., y0:y1, x0:x1]`` ('image' or 'label'), in its dtype:
-        validation reads the image with its halo and the labels without."""
+        """One array's pixels ``[..., y0:y1, x0:x1]`` ('image', 'label' or, for an instance
+        shard, 'instances'), in its dtype: validation reads the image with its halo and the
+        labels without."""
         _check_window(self.shape, y0, y1, x0, x1)
         return _read_window(self._arrays()[name], (self.location, name), y0, y1, x0, x1)
 
     def label_blocks(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """The label array as ``(y0, x0, block)`` blocks, about 4 Mpx each, aligned to its chunks
-        (so that no chunk is decoded twice), in row-major order."""
-        label = self._arrays()["label"]
+        (so that no chunk is decoded twice), in row-major order.
+
+        For an instance shard the blocks are class maps: each pixel the class of its object, 0
+        for the background (and -1 for an id without a class, which the check refuses).
+        """
+        if not self.instances:
+            yield from self.raw_blocks()
+            return
+        objects = self.object_classes()
+        for y0, x0, block in self.raw_blocks():
+            yield y0, x0, objects.lookup(block)
+
+    def raw_blocks(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """The ``label`` (or ``instances``) array as it is stored, in the blocks of
+        :meth:`label_blocks`."""
+        label = self._arrays()[self.label_name]
         _, height, width = self.shape
         chunk_h, chunk_w = (int(n) for n in label.chunks)
         # Whole chunks per block: as many columns of chunks as fit, then rows of them.
@@ -245,7 +368,7 @@ class Shard:
         same block-by-block scan, which also checks the labels), then kept.
         """
         if self._cache.counts is None:
-            counts = _scan_labels(self)
+            counts = _scan_instances(self) if self.instances else _scan_labels(self)
             self._cache.counts = counts
         return self._cache.counts.copy()
 
@@ -269,6 +392,7 @@ class Shard:
             image=image,
             label=label,
             weight=weight,
+            objects=self.object_classes() if self.instances else None,
         )
 
 
@@ -288,6 +412,18 @@ class InMemoryShard:
     image: np.ndarray = field(repr=False, compare=False)
     label: np.ndarray = field(repr=False, compare=False)
     weight: np.ndarray | None = field(repr=False, compare=False)
+    objects: ObjectClasses | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def instances(self) -> bool:
+        """Whether ``label`` holds object ids (an instance shard)."""
+        return self.objects is not None
+
+    def object_classes(self) -> ObjectClasses:
+        """The object classes of an instance shard (as :meth:`Shard.object_classes`)."""
+        if self.objects is None:
+            raise ValueError(f"shard '{self.location}' is not an instance shard")
+        return self.objects
 
     def read(
         self, y0: int, y1: int, x0: int, x1: int, *, with_weight: bool = True
@@ -342,40 +478,161 @@ def _scan_labels(shard: Shard) -> np.ndarray:
     return counts
 
 
+def _read_object_classes(shard: Shard) -> ObjectClasses:
+    """An instance shard's ``instance_classes`` read whole (one small row per object) and
+    checked: ids >= 1, each once, classes ``1..num_classes-1``."""
+    if not shard.has_classes:
+        return ObjectClasses.all_one()
+    group = open_node(shard.location, "r", shard.storage_options, "training shard")
+    table = np.asarray(group["instance_classes"][...])
+    where = f"shard '{shard.location}': instance_classes"
+    if table.ndim != 2 or table.shape[1] != 2:
+        raise InputError(
+            f"{where} must be (N, 2), one (id, class) row per object; got shape "
+            f"{tuple(table.shape)}. Write it as an (N, 2) integer array."
+        )
+    if table.dtype.kind not in "ui":
+        raise InputError(
+            f"{where} must hold integer (id, class) rows; got dtype {table.dtype}. Write it as "
+            f"int64 (or uint32)."
+        )
+    ids, classes = table[:, 0].astype(np.int64), table[:, 1].astype(np.int64)
+    k = shard.num_classes
+    bad = np.flatnonzero(ids < 1)
+    if bad.size:
+        row = int(bad[0])
+        raise InputError(
+            f"{where} row {row} is for id {ids[row]}, but object ids are >= 1 (0 is the "
+            f"background, which has no class); {bad.size} row(s) break this. Remove those rows."
+        )
+    bad = np.flatnonzero((classes < 1) | (classes >= k))
+    if bad.size:
+        row = int(bad[0])
+        raise InputError(
+            f"{where} gives object {ids[row]} class {classes[row]} (row {row}), but with "
+            f"num_classes {k} object classes are 1..{k - 1} (0 is the background); {bad.size} "
+            f"row(s) break this. Fix those classes, or raise num_classes (it counts the "
+            f"background too)."
+        )
+    unique, counts = np.unique(ids, return_counts=True)
+    twice = np.flatnonzero(counts > 1)
+    if twice.size:
+        first = int(unique[twice[0]])
+        raise InputError(
+            f"{where} has {int(counts[twice[0]])} rows for object {first} ({twice.size} id(s) "
+            f"have more than one); every object needs exactly one (id, class) row. Remove the "
+            f"extra rows."
+        )
+    return ObjectClasses(ids, classes)
+
+
+def _scan_instances(shard: Shard) -> np.ndarray:
+    """Pixels of each class (the background and the object classes) of an instance shard; an
+    :class:`InputError` for a negative id or an object id without a class (with how many
+    pixels are wrong)."""
+    objects = shard.object_classes()
+    k = shard.num_classes
+    counts = np.zeros(k, np.int64)
+    negative: tuple[int, int, int] | None = None  # value, y, x
+    unclassed: tuple[int, int, int] | None = None
+    n_negative = n_unclassed = 0
+    unclassed_ids: set[int] = set()
+    for y0, x0, block in shard.raw_blocks():
+        classes = objects.lookup(block)
+        wrong = classes < 0
+        if wrong.any():
+            below = wrong & (block < 0) if block.dtype.kind == "i" else np.zeros_like(wrong)
+            no_class = wrong & ~below
+            for kind, mask in (("negative", below), ("unclassed", no_class)):
+                n = int(np.count_nonzero(mask))
+                if not n:
+                    continue
+                flat = int(np.flatnonzero(mask)[0])
+                y, x = divmod(flat, block.shape[1])
+                first = (int(block.flat[flat]), y0 + y, x0 + x)
+                if kind == "negative":
+                    negative = negative or first
+                    n_negative += n
+                else:
+                    unclassed = unclassed or first
+                    n_unclassed += n
+                    if len(unclassed_ids) < 10_000:
+                        unclassed_ids.update(int(i) for i in np.unique(block[mask])[:10_000])
+        # classes are -1..k-1: shifted by one, the wrong pixels land in a bin that is dropped
+        counts += np.bincount((classes + 1).ravel(), minlength=k + 1)[1 : k + 1]
+    if negative is not None:
+        value, y, x = negative
+        raise InputError(
+            f"shard '{shard.location}': instance id {value} at (y={y}, x={x}) is negative; "
+            f"'instances' holds 0 for the background and an id >= 1 per object, and "
+            f"{n_negative} pixel(s) break this. Relabel those pixels (0, or a positive id)."
+        )
+    if unclassed is not None:
+        value, y, x = unclassed
+        shown = ", ".join(str(i) for i in sorted(unclassed_ids)[:5])
+        more = ", ..." if len(unclassed_ids) > 5 else ""
+        raise InputError(
+            f"shard '{shard.location}': object id {value} at (y={y}, x={x}) has no row in "
+            f"'instance_classes'; every object id needs an (id, class) row, and {n_unclassed} "
+            f"pixel(s) of {len(unclassed_ids)} id(s) ({shown}{more}) break this. Add rows for "
+            f"them, or set their pixels to 0 (background)."
+        )
+    return counts
+
+
 def _open_one(
     location: str,
     num_classes: int,
     ignore_index: int | None,
     storage_options: dict[str, Any] | None,
+    instances: bool = False,
 ) -> Shard:
     node = open_node(location, "r", storage_options, "training shard")
     location = local_path(location)
+    target = "instances" if instances else "label"
+    holds = (
+        "'image' (C, H, W) and 'instances' (H, W) object ids (and optionally "
+        "'instance_classes' (N, 2))"
+        if instances
+        else "'image' (C, H, W) and 'label' (H, W) (and optionally 'weight')"
+    )
     if not isinstance(node, zarr.Group):
         raise InputError(
             f"shard '{location}' is a Zarr array {tuple(node.shape)}, but a training shard is a "
-            f"group holding 'image' (C, H, W) and 'label' (H, W) arrays (and optionally "
-            f"'weight'); write it as a group."
+            f"group holding {holds}; write it as a group."
         )
     members = sorted(node.keys())
-    missing = [name for name in ("image", "label") if name not in members]
+    missing = [name for name in ("image", target) if name not in members]
     if missing:
+        hint = ""
+        if instances and "label" in members:
+            hint = (
+                " An instance architecture trains on objects: write each object's pixels with "
+                "its own id in 'instances' (0 = background)."
+            )
+        elif not instances and "instances" in members:
+            hint = (
+                " This looks like an instance shard: train an instance architecture (e.g. "
+                "mask_rcnn_tiny) on it, or add 'label'."
+            )
         raise InputError(
             f"shard '{location}' has no {' and no '.join(repr(m) for m in missing)} array; a "
-            f"training shard holds 'image' (C, H, W) and 'label' (H, W) (and optionally "
-            f"'weight'). It holds: {', '.join(members) or 'nothing'}."
+            f"training shard {'for an instance architecture ' if instances else ''}holds "
+            f"{holds}. It holds: {', '.join(members) or 'nothing'}.{hint}"
         )
+    optional = ("instance_classes",) if instances else ("weight",)
     arrays = {}
-    for name in ("image", "label", "weight"):
+    for name in ("image", target, *optional):
         if name not in members:
             continue
         array = node[name]
         if not isinstance(array, zarr.Array):
             raise InputError(
                 f"shard '{location}': '{name}' is a group, but it must be an array; write the "
-                f"{name} pixels as an array named '{name}'."
+                f"{name} as an array named '{name}'."
             )
         arrays[name] = array
-    image, label = arrays["image"], arrays["label"]
+    image, label = arrays["image"], arrays[target]
     image_dtype, label_dtype = np.dtype(image.dtype), np.dtype(label.dtype)
     if len(image.shape) != 3:
         raise InputError(
@@ -387,6 +644,11 @@ def _open_one(
             f"shard '{location}': image dtype must be an integer or float type; got {image_dtype}."
         )
     if label_dtype.kind not in "ui":
+        if instances:
+            raise InputError(
+                f"shard '{location}': instances must hold integer object ids; got dtype "
+                f"{label_dtype}. Write them as uint32 (or uint16 for fewer than 65536 objects)."
+            )
         raise InputError(
             f"shard '{location}': label must hold integer class ids; got dtype {label_dtype}. "
             f"Write the labels as uint8 (up to 255 classes) or uint16."
@@ -394,8 +656,8 @@ def _open_one(
     shape = tuple(int(n) for n in image.shape)
     if tuple(label.shape) != shape[1:]:
         raise InputError(
-            f"shard '{location}': label shape {tuple(label.shape)} does not match the image "
-            f"shape {shape} (C, H, W); the label must be (H, W) = {shape[1:]}."
+            f"shard '{location}': {target} shape {tuple(label.shape)} does not match the image "
+            f"shape {shape} (C, H, W); the {target} must be (H, W) = {shape[1:]}."
         )
     weight = arrays.get("weight")
     if weight is not None:
@@ -409,7 +671,7 @@ def _open_one(
                 f"shard '{location}': weight must be a real number per pixel; got dtype "
                 f"{np.dtype(weight.dtype)}. Write it as float32."
             )
-    return Shard(
+    shard = Shard(
         location=location,
         shape=(shape[0], shape[1], shape[2]),
         dtype=image_dtype,
@@ -417,7 +679,12 @@ def _open_one(
         num_classes=num_classes,
         ignore_index=ignore_index,
         storage_options=storage_options,
+        instances=instances,
+        has_classes="instance_classes" in arrays,
     )
+    if instances:
+        shard.object_classes()  # the table is small: checked now, whatever check_labels says
+    return shard
 
 
 def open_shards(
@@ -428,20 +695,26 @@ def open_shards(
     patch_size: int | Sequence[int],
     storage_options: dict[str, Any] | None = None,
     check_labels: bool = True,
+    instances: bool = False,
 ) -> list[Shard]:
     """Open and check a sharded training dataset.
 
     Args:
         locations: paths or fsspec URIs of shard groups; entries may be globs
             (``data/*.zarr``, ``s3://bucket/train/*.zarr``), expanded and sorted.
-        num_classes: class ids are ``0..num_classes-1``.
-        ignore_index: the label of pixels that count nowhere; ``None`` when there is none.
+        num_classes: class ids are ``0..num_classes-1`` (for instances: the background 0 and
+            the object classes ``1..num_classes-1``).
+        ignore_index: the label of pixels that count nowhere; ``None`` when there is none. Not
+            used for instance shards.
         patch_size: training patch size, ``int`` or ``(h, w)``; every shard must hold one.
         storage_options: fsspec options (credentials, endpoints) for URLs.
         check_labels: scan every label array now (block by block) for values that are neither
-            a class id nor ``ignore_index``, and keep the class counts. ``False`` defers the scan
-            to the first :meth:`Shard.class_counts` (for a worker handed shards that a driver
-            already checked).
+            a class id nor ``ignore_index`` (instance shards: negative ids and ids without a
+            class), and keep the class counts. ``False`` defers the scan to the first
+            :meth:`Shard.class_counts` (for a worker handed shards that a driver already
+            checked).
+        instances: the shards are instance shards (``image``, ``instances`` and optionally
+            ``instance_classes``; see the module docstring), for an instance architecture.
 
     Returns:
         The shards, in the order of ``locations`` (each pattern's matches sorted).
@@ -449,12 +722,20 @@ def open_shards(
     Raises:
         ConfigError: a pattern matches nothing, or bad ``num_classes``/``patch_size``, or a
             patch larger than a shard.
-        InputError: a shard lacks ``image`` or ``label``, shapes disagree, shards have different
-            band counts or dtypes, or a label value is not a class id.
+        InputError: a shard lacks ``image`` or ``label`` (``instances``), shapes disagree,
+            shards have different band counts or dtypes, a label value is not a class id, or an
+            instance shard has a negative id, an object without a class or a class out of range.
         StoreNotFoundError: a location does not exist.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer; got {num_classes!r}.")
+    if instances and num_classes < 2:
+        raise ConfigError(
+            f"num_classes counts the background as class 0 for instance shards and must be at "
+            f"least 2; got {num_classes}. Use 1 + the number of object classes."
+        )
+    if instances:
+        ignore_index = None  # 0 is the background; no pixel is ignored
     if ignore_index is not None and (
         isinstance(ignore_index, bool) or not isinstance(ignore_index, int)
     ):
@@ -469,7 +750,7 @@ def open_shards(
         )
     patch_h, patch_w = patch_shape(patch_size)
     shards = [
-        _open_one(location, num_classes, ignore_index, storage_options)
+        _open_one(location, num_classes, ignore_index, storage_options, instances)
         for location in expand_locations(locations, storage_options)
     ]
     first = shards[0]
