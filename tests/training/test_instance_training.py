@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.dataset as ds
 import pytest
 import torch
 import yaml
@@ -216,6 +217,32 @@ def test_mask_rcnn_trains_in_process_and_its_package_finds_the_held_out_objects(
     ap = _greedy_mask_ap50(det, ids, classes)
     # measured 1.0 (12 objects) after 200 steps; 0.75 after 100
     assert ap >= 0.8, ap
+
+    # a predict job names the package (network, classes, normalisation from it) and segments
+    # the held-out image in 64 px units: its instances match the network run here, whole
+    from tilewise.pipeline.driver import run_job
+
+    zarr.create_array(tmp_path / "held_out.zarr", data=image, chunks=(3, 64, 64),
+                      dimension_names=("c", "y", "x"))  # fmt: skip
+    predict = parse_job(
+        {
+            "kind": "predict",
+            "input": {"path": str(tmp_path / "held_out.zarr")},
+            "model": {"package": summary.package},
+            "output": {"path": str(tmp_path / "seg.zarr"), "chunk": 64, "instances": {"halo": 64}},
+            "compute": {"cpus_per_worker": 1},
+        }
+    )
+    run_job(predict, workers=2, progress=False)
+    inst = zarr.open_group(tmp_path / "seg.zarr", mode="r")["instances/0"][:]
+    table = ds.dataset(tmp_path / "seg.zarr" / "instances.parquet").to_table().to_pandas()
+    tiled = {
+        "labels": table["class"].to_numpy(),
+        "scores": table["score"].to_numpy(),
+        "masks": np.stack([inst == i for i in table["id"]]).astype(np.float32),
+    }
+    assert set(table["class_name"]) <= {"square", "disc"}
+    assert _greedy_mask_ap50(tiled, ids, classes) >= 0.8
 
 
 @pytest.mark.parametrize(

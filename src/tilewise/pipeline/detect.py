@@ -50,6 +50,7 @@ __all__ = [
     "DetectionPlan",
     "DetectionSource",
     "build_detector",
+    "detector_args",
     "plan_detection",
     "run_detection_job",
 ]
@@ -67,7 +68,7 @@ def build_detector(job: PredictJob, in_channels: int) -> MaskRCNN:
     m = job.model
     torch.manual_seed(m.seed)
     model = create_instance_model(
-        m.arch, in_channels=in_channels, num_classes=m.num_classes, **m.args
+        m.arch, in_channels=in_channels, num_classes=m.num_classes, **detector_args(job)
     )
     if m.weights:
         state = load_state_file(m.weights, what="model.weights")
@@ -257,17 +258,18 @@ def _weights_stamp(weights: str | None) -> list[int] | None:
     return None
 
 
-def _with_max_detections(job: PredictJob) -> PredictJob:
-    """The detector's caps follow output.instances.max_detections (per window), unless the job
-    sets them in model.args: the detections, and the proposals they come from (the tiny preset
-    keeps 75, too few for a window crowded with cells)."""
+def detector_args(job: PredictJob) -> dict[str, Any]:
+    """``model.args`` with the detector's caps following output.instances.max_detections (per
+    window) unless the job sets them: the detections, and the proposals they come from (the
+    tiny preset keeps 75, too few for a window crowded with cells). The job itself is left as
+    it is (a package's args must stay the package's)."""
     spec = job.output.instances
     assert spec is not None
     args = dict(job.model.args)
     args.setdefault("box_detections_per_img", spec.max_detections)
     args.setdefault("rpn_pre_nms_top_n_test", spec.max_detections)
     args.setdefault("rpn_post_nms_top_n_test", spec.max_detections)
-    return job.model_copy(update={"model": job.model.model_copy(update={"args": args})})
+    return args
 
 
 def run_detection_job(
@@ -288,7 +290,7 @@ def run_detection_job(
     from tilewise.pipeline.job import expand_images
 
     t0 = time.perf_counter()
-    singles = [_with_max_detections(j) for j in expand_images(job)]
+    singles = expand_images(job)
     images = [_open_input(j) for j in singles]
     for j, image in zip(singles, images, strict=True):
         channels = image.shape[0]
@@ -514,7 +516,7 @@ def plan_detection(
     from tilewise.pipeline.job import expand_images
     from tilewise.pipeline.plan import LiveTensorTracker, _cluster_resources, _local_resources
 
-    singles = [_with_max_detections(j) for j in expand_images(job)]
+    singles = expand_images(job)
     where = address or job.compute.address or os.environ.get("RAY_ADDRESS")
     resources = _cluster_resources(where) if where else _local_resources()
     layout = actor_layout(job.compute, cpus=resources.cpus, gpus=resources.gpus, workers=workers)
@@ -547,7 +549,7 @@ def plan_detection(
     m = singles[0].model
     with torch.device("meta"):
         model = create_instance_model(
-            m.arch, in_channels=channels, num_classes=m.num_classes, **m.args
+            m.arch, in_channels=channels, num_classes=m.num_classes, **detector_args(singles[0])
         )
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     padded = -(-window // ALIGN) * ALIGN
