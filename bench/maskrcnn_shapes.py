@@ -3,6 +3,7 @@
     python bench/maskrcnn_shapes.py                        # 2 CPU cores: about 5 minutes
     python bench/maskrcnn_shapes.py --steps 100            # a quick look
     python bench/maskrcnn_shapes.py --steps 3000 --out /tmp/shapes.json
+    python bench/maskrcnn_shapes.py --save-weights /tmp/shapes.safetensors   # for the mosaic
 
 Data (generated from ``--seed``, nothing is downloaded): RGB images of 96 to 128 px a side (each
 side drawn separately, so most are not multiples of 32) holding 1 to 4 objects of two classes,
@@ -124,6 +125,12 @@ def main() -> None:
     p.add_argument("--train-images", type=int, default=400)
     p.add_argument("--test-images", type=int, default=100)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument(
+        "--save-weights",
+        type=Path,
+        help="write the trained weights (.safetensors) and, beside them, the normalisation "
+        "(.json: mean and std per channel) for bench/maskrcnn_mosaic.py",
+    )
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -194,9 +201,16 @@ def main() -> None:
         f"eval {1000 * t_eval / len(test):.0f} ms/image, {n_params:,} parameters, "
         f"{args.threads} threads"
     )
+    if args.save_weights:
+        from safetensors.torch import save_file
+
+        save_file(model.state_dict(), str(args.save_weights))
+        norm = {"mean": mean.flatten().tolist(), "std": std.flatten().tolist()}
+        args.save_weights.with_suffix(".json").write_text(json.dumps(norm))
+        print(f"wrote {args.save_weights}")
     if args.out:
         result = {
-            "settings": vars(args) | {"out": str(args.out)},
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "parameters": n_params,
             "test_objects": {CLASSES[c]: n for c, n in n_objects.items()},
             "mask_ap50": mask_map,
