@@ -1607,7 +1607,9 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, Mapping):
-        return "a mapping"
+        # As YAML's flow style, so that two mappings that differ can be told apart.
+        text = yaml.safe_dump(dict(value), default_flow_style=True, width=10**6).strip()
+        return text if len(text) <= 60 else text[:57] + "..."
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
