@@ -997,32 +997,44 @@ class PredictJob(BaseModel):
                     f"{model.num_classes}. Use 1 + the number of object classes.",
                 )
             )
-        not_for_objects = {
-            ("output", "labels"): "labels" in output.model_fields_set and output.labels,
-            ("output", "probabilities"): output.probabilities is not None,
-            ("output", "preview"): output.preview is not None,
-            ("postprocess", "crf"): self.postprocess.crf is not None,
-            ("input", "mask"): self.input.mask is not None,
-            ("model", "tta"): model.tta != "none",
-            ("tiling",): self.tiling != TilingSpec(),
-        }
-        why = {
-            ("output", "labels"): "it writes no class map (the objects' pixels are in instances/)",
-            ("output", "probabilities"): "it writes no score maps",
-            ("output", "preview"): "previews draw the class map, which it does not write",
-            ("postprocess", "crf"): "the CRF refines score maps, which it does not have",
-            ("input", "mask"): "foreground masks are not supported for instance architectures yet",
-            ("model", "tta"): "flip averaging applies to score maps",
-            ("tiling",): "its windows are the write units (output.chunk) grown by "
-            "output.instances.halo",
-        }
-        for loc, given in not_for_objects.items():
+        # (field, whether the job sets it, why it does not apply)
+        not_for_objects: list[tuple[tuple[str, ...], bool, str]] = [
+            (
+                ("output", "labels"),
+                "labels" in output.model_fields_set and output.labels is not None,
+                "it writes no class map (the objects' pixels are in instances/)",
+            ),
+            (
+                ("output", "probabilities"),
+                output.probabilities is not None,
+                "it writes no score maps",
+            ),
+            (
+                ("output", "preview"),
+                output.preview is not None,
+                "previews draw the class map, which it does not write",
+            ),
+            (
+                ("postprocess", "crf"),
+                self.postprocess.crf is not None,
+                "the CRF refines score maps, which it does not have",
+            ),
+            (
+                ("input", "mask"),
+                self.input.mask is not None,
+                "foreground masks are not supported for instance architectures yet",
+            ),
+            (("model", "tta"), model.tta != "none", "flip averaging applies to score maps"),
+            (
+                ("tiling",),
+                self.tiling != TilingSpec(),
+                "its windows are the write units (output.chunk) grown by output.instances.halo",
+            ),
+        ]
+        for loc, given, why in not_for_objects:
             if given:
                 problems.append(
-                    (
-                        loc,
-                        f"does not apply to instance architecture '{arch}': {why[loc]}. Remove it.",
-                    )
+                    (loc, f"does not apply to instance architecture '{arch}': {why}. Remove it.")
                 )
         spec = output.instances
         if spec is not None:

@@ -1137,12 +1137,16 @@ def instance_config(name: str, **arch_args: Any) -> MaskRCNNConfig:
     Raises:
         ConfigError: an unknown architecture or setting, or a value out of range.
     """
+    return MaskRCNNConfig(**{**_PRESETS[_backbone_of(name)], **arch_args})
+
+
+def _backbone_of(name: str) -> str:
     if name not in INSTANCE_ARCHS:
         raise ConfigError(
             f"unknown instance architecture {name!r}; known: {sorted(INSTANCE_ARCHS)}."
             + did_you_mean(name, INSTANCE_ARCHS)
         )
-    return MaskRCNNConfig(**{**_PRESETS[INSTANCE_ARCHS[name]], **arch_args})
+    return INSTANCE_ARCHS[name]
 
 
 def create_instance_model(
@@ -1156,9 +1160,4 @@ def create_instance_model(
         num_classes: classes including the background 0 (at least 2).
         **arch_args: :class:`MaskRCNNConfig` fields overriding the preset's.
     """
-    if name not in INSTANCE_ARCHS:
-        raise ConfigError(
-            f"unknown instance architecture {name!r}; known: {sorted(INSTANCE_ARCHS)}."
-            + did_you_mean(name, INSTANCE_ARCHS)
-        )
-    return build_mask_rcnn(num_classes, INSTANCE_ARCHS[name], in_channels=in_channels, **arch_args)
+    return build_mask_rcnn(num_classes, _backbone_of(name), in_channels=in_channels, **arch_args)

@@ -29,16 +29,16 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from tilewise.errors import ConfigError, InputError, PlanError
+from tilewise.errors import InputError, PlanError
 from tilewise.models.detection import paste_masks
 from tilewise.models.maskrcnn import MaskRCNN, create_instance_model
-from tilewise.pipeline.instances import Obj
+from tilewise.pipeline.instances import Obj, window_of
+from tilewise.pipeline.job import Normalizer, expand_images, load_weights, open_input, weights_stamp
 from tilewise.pipeline.output import OutputLayout, OutputStore, fingerprint_of
 from tilewise.pipeline.stores import InputImage
 from tilewise.pipeline.units import UnitGrid
@@ -63,32 +63,13 @@ DEFAULT_CHUNK = 1024
 
 def build_detector(job: PredictJob, in_channels: int) -> MaskRCNN:
     """The job's Mask R-CNN with its weights (``model.weights``, else seeded), in eval mode."""
-    from tilewise.models.weights import load_state_file
-
     m = job.model
     torch.manual_seed(m.seed)
     model = create_instance_model(
         m.arch, in_channels=in_channels, num_classes=m.num_classes, **detector_args(job)
     )
-    if m.weights:
-        state = load_state_file(m.weights, what="model.weights")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0:2]
-            raise ConfigError(
-                f"weights '{m.weights}' do not fit arch '{m.arch}' with {in_channels} input "
-                f"channels and {m.num_classes} classes: {' '.join(first)}"
-            ) from None
+    load_weights(model, job, in_channels)
     return model.eval()
-
-
-def _open_input(job: PredictJob) -> InputImage:
-    i = job.input
-    assert isinstance(i.path, str)
-    return InputImage(
-        i.path, array=i.array, level=i.level, axes=i.axes, storage_options=i.storage_options
-    )
 
 
 class DetectionSource:
@@ -211,12 +192,10 @@ class DetectionFactory:
     threads: int = 1
 
     def __call__(self) -> DetectionSource:
-        from tilewise.pipeline.job import Normalizer
-
         job = PredictJob.model_validate(self.job)
         if self.device == "cpu":
             torch.set_num_threads(max(1, self.threads))
-        image = _open_input(job)
+        image = open_input(job)
         model = build_detector(job, image.shape[0]).to(self.device)
         spec = job.output.instances
         assert spec is not None  # an instance arch always has the stage (spec rule)
@@ -242,20 +221,13 @@ class DetectionFactory:
                 "source": "detections",
                 "input": job.input.model_dump(mode="json", exclude={"storage_options"}),
                 "model": job.model.model_dump(mode="json"),
-                "weights": _weights_stamp(job.model.weights),
+                "weights": weights_stamp(job.model.weights),
                 "instances": spec.model_dump(mode="json", exclude={"table", "halo"}),
                 "device": self.device,
                 "threads": self.threads,
             },
             sort_keys=True,
         )
-
-
-def _weights_stamp(weights: str | None) -> list[int] | None:
-    if weights and Path(weights).exists():
-        st = Path(weights).stat()
-        return [st.st_size, st.st_mtime_ns]
-    return None
 
 
 def detector_args(job: PredictJob) -> dict[str, Any]:
@@ -270,6 +242,18 @@ def detector_args(job: PredictJob) -> dict[str, Any]:
     args.setdefault("rpn_pre_nms_top_n_test", spec.max_detections)
     args.setdefault("rpn_post_nms_top_n_test", spec.max_detections)
     return args
+
+
+def _detected_pixels(grid: UnitGrid, halo: int) -> tuple[int, int]:
+    """Pixels the detector reads over all units (windows from their 32-aligned origins), and
+    the largest window side."""
+    computed = largest = 0
+    for u in range(len(grid)):
+        wy0, wy1, wx0, wx1 = window_of(grid.unit(u), halo, grid.height, grid.width)
+        h, w = wy1 - wy0 // ALIGN * ALIGN, wx1 - wx0 // ALIGN * ALIGN
+        computed += h * w
+        largest = max(largest, h, w)
+    return computed, largest
 
 
 def run_detection_job(
@@ -287,11 +271,10 @@ def run_detection_job(
     :class:`~tilewise.pipeline.driver.RunReport`.
     """
     from tilewise.pipeline.driver import RunReport, _connect, actor_layout
-    from tilewise.pipeline.job import expand_images
 
     t0 = time.perf_counter()
     singles = expand_images(job)
-    images = [_open_input(j) for j in singles]
+    images = [open_input(j) for j in singles]
     for j, image in zip(singles, images, strict=True):
         channels = image.shape[0]
         if j.model.in_channels is not None and j.model.in_channels != channels:
@@ -361,7 +344,6 @@ def _run_image(
 ) -> Any:
     from tilewise.pipeline.driver import RunReport
     from tilewise.pipeline.instance_stage import run_instances
-    from tilewise.pipeline.instances import window_of
 
     o, spec = job.output, job.output.instances
     assert spec is not None
@@ -420,10 +402,7 @@ def _run_image(
     if progress:
         print(file=sys.stderr)
     grid = UnitGrid(height, width, side)
-    computed = 0
-    for u in range(len(grid)):
-        wy0, wy1, wx0, wx1 = window_of(grid.unit(u), spec.halo, height, width)
-        computed += (wy1 - wy0 // 32 * 32) * (wx1 - wx0 // 32 * 32)
+    computed, _ = _detected_pixels(grid, spec.halo)
     found = stage.units_found
     report = RunReport(
         name=job.name or "job",
@@ -512,8 +491,6 @@ def plan_detection(
     device; the RoI heads are estimated from ``max_detections`` proposals at their pooled sizes.
     """
     from tilewise.pipeline.driver import actor_layout
-    from tilewise.pipeline.instances import window_of
-    from tilewise.pipeline.job import expand_images
     from tilewise.pipeline.plan import LiveTensorTracker, _cluster_resources, _local_resources
 
     singles = expand_images(job)
@@ -524,16 +501,12 @@ def plan_detection(
     assert spec is not None
     images, window, channels = [], 0, 3
     for j in singles:
-        image = _open_input(j)
+        image = open_input(j)
         channels, height, width = image.shape
         side = j.output.shard or j.output.chunk or DEFAULT_CHUNK
         grid = UnitGrid(height, width, side)
-        computed = 0
-        for u in range(len(grid)):
-            wy0, wy1, wx0, wx1 = window_of(grid.unit(u), spec.halo, height, width)
-            h, w = wy1 - wy0 // ALIGN * ALIGN, wx1 - wx0 // ALIGN * ALIGN
-            computed += h * w
-            window = max(window, h, w)
+        computed, largest = _detected_pixels(grid, spec.halo)
+        window = max(window, largest)
         images.append(
             {
                 "input": j.input.path,

@@ -34,7 +34,10 @@ __all__ = [
     "default_chunk",
     "expand_images",
     "image_stem",
+    "load_weights",
+    "open_input",
     "prepare",
+    "weights_stamp",
 ]
 
 _AUTO_SCALE = {np.dtype("uint8"): 1 / 255, np.dtype("uint16"): 1 / 65535}
@@ -206,11 +209,7 @@ class PreparedJob:
     def fingerprint(self) -> str:
         """Digest of the settings that determine the output bytes (resume guard)."""
         job = self.job
-        weights = job.model.weights
-        stamp: Any = None
-        if weights and Path(weights).exists():
-            st = Path(weights).stat()
-            stamp = [st.st_size, st.st_mtime_ns]
+        stamp = weights_stamp(job.model.weights)
         return fingerprint_of(
             {
                 "input": job.input.model_dump(exclude={"storage_options"}),
@@ -232,9 +231,7 @@ def prepare(job: PredictJob) -> PreparedJob:
         raise ConfigError(
             "prepare() takes a job over one image; split a job over several with expand_images()."
         )
-    image = InputImage(
-        i.path, array=i.array, level=i.level, axes=i.axes, storage_options=i.storage_options
-    )
+    image = open_input(job)
     channels, height, width = image.shape
     if m.in_channels is not None and m.in_channels != channels:
         raise InputError(
@@ -307,6 +304,41 @@ def _require_multiple(name: str, value: int, of_name: str, of: int, why: str) ->
         )
 
 
+def weights_stamp(weights: str | None) -> list[int] | None:
+    """Size and modification time of a local weights file (None otherwise): what a fingerprint
+    records of the weights without reading them."""
+    if weights and Path(weights).exists():
+        st = Path(weights).stat()
+        return [st.st_size, st.st_mtime_ns]
+    return None
+
+
+def open_input(job: PredictJob) -> InputImage:
+    """The input image of a job over one image, as ``input`` describes it."""
+    i = job.input
+    assert isinstance(i.path, str)
+    return InputImage(
+        i.path, array=i.array, level=i.level, axes=i.axes, storage_options=i.storage_options
+    )
+
+
+def load_weights(model: nn.Module, job: PredictJob, in_channels: int) -> None:
+    """Load ``model.weights`` into ``model`` (nothing without weights); a clear error when the
+    file does not fit the network."""
+    m = job.model
+    if not m.weights:
+        return
+    state = load_state_file(m.weights, what="model.weights")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0:2]
+        raise ConfigError(
+            f"weights '{m.weights}' do not fit arch '{m.arch}' with {in_channels} input "
+            f"channels and {m.num_classes} classes: {' '.join(first)}"
+        ) from None
+
+
 def build_model(job: PredictJob, in_channels: int) -> nn.Module:
     """The job's network with its weights: loaded from ``model.weights``, or seeded.
 
@@ -316,16 +348,7 @@ def build_model(job: PredictJob, in_channels: int) -> nn.Module:
     m = job.model
     torch.manual_seed(m.seed)
     model = models.create(m.arch, in_channels=in_channels, num_classes=m.num_classes, **m.args)
-    if m.weights:
-        state = load_state_file(m.weights, what="model.weights")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0:2]
-            raise ConfigError(
-                f"weights '{m.weights}' do not fit arch '{m.arch}' with {in_channels} input "
-                f"channels and {m.num_classes} classes: {' '.join(first)}"
-            ) from None
+    load_weights(model, job, in_channels)
     if m.tta == "flip":
         model = FlipAverage(model)
     return model.eval()
