@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import zarr
 from PIL import Image
 
@@ -19,7 +20,13 @@ from tilewise.cli import main
 from tilewise.errors import InputError
 from tilewise.pipeline.driver import run_job
 from tilewise.pipeline.preview import GAP, LEGEND_HEIGHT, write_preview
-from tilewise.pipeline.pyramid import auto_levels, level_shapes, streamed_levels
+from tilewise.pipeline.pyramid import (
+    auto_levels,
+    level_shapes,
+    reduce_tensor,
+    reduce_unit,
+    streamed_levels,
+)
 from tilewise.spec import parse_job
 
 
@@ -65,6 +72,32 @@ def test_level_rules() -> None:
     assert streamed_levels(256, 3) == 1
     assert streamed_levels(384, 5) == 1  # 192 is whole, 96 is too small
     assert streamed_levels(256, 1) == 0
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (33, 50), (1, 7), (2, 2, 31, 17)])
+def test_device_reductions_give_the_hosts_bytes(shape: tuple[int, ...]) -> None:
+    """Predictors reduce streamed levels with torch, the driver the coarser ones with numpy: a
+    level must not depend on which did it. Few classes make ties (a mode rule that differs on
+    ties fails here); probabilities cover float16 subnormals next to values near 1."""
+    rng = np.random.default_rng(len(shape) + shape[-1])
+    few = rng.integers(0, 3, shape)
+    float16 = (rng.random(shape) ** 40).astype(np.float16)
+    float16.flat[::7] = np.float16(0.9995)
+    float16.flat[1::11] = np.float16(6e-8)  # a subnormal
+    cases = [
+        (few.astype(np.uint8), True),
+        (rng.integers(0, 70000, shape).astype(np.int32), True),  # uint16 labels, as int32
+        (float16, False),
+        (rng.integers(0, 256, shape).astype(np.uint8), False),  # uint8 probabilities
+    ]
+    for a, labels in cases:
+        host = reduce_unit(a, labels)
+        device = reduce_tensor(torch.from_numpy(a), labels).numpy()
+        assert device.dtype == host.dtype and device.shape == host.shape
+        assert device.tobytes() == host.tobytes(), (a.dtype, labels)
+    # Against the independent references of the run test below.
+    labels2d = few.reshape(-1, shape[-1]).astype(np.uint8)[: shape[-2]]
+    assert np.array_equal(reduce_unit(labels2d, True), mode_by_counts(labels2d))
 
 
 @pytest.mark.usefixtures("ray_cluster")

@@ -357,7 +357,7 @@ def _create_array(root: Any, grid: UnitGrid) -> None:
         return
     chunks: tuple[int, ...] = (grid.side, grid.side)
     shards: tuple[int, ...] | None = None
-    compressors: Any = _compressors("zstd")
+    compressors: Any = _compressors("blosc-lz4")
     if "labels/0" in root:
         labels = root["labels/0"]
         chunks, shards, compressors = labels.chunks, labels.shards, labels.compressors

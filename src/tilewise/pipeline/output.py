@@ -15,6 +15,7 @@ are complete" (a crash between the two only costs a recomputation of the same by
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,6 +24,7 @@ import fsspec
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.core.sync import sync
 
 from tilewise.errors import OutputExistsError
 from tilewise.pipeline.engine import Unit
@@ -72,6 +74,10 @@ def _compressors(name: str) -> Any:
         # of a CPU actor lose; labels compress 15x at either level.
         return ZstdCodec(level=1)
     if name == "blosc-lz4":
+        # The default. On a 1024 px unit of a U-Net's output (2 x 1024^2 float16 probabilities,
+        # 1024^2 uint8 labels), measured against zstd level 1: probabilities 1.6 ms and 1.62x
+        # against 5.6 ms and 1.48x, labels 0.2 ms and 14.8x against 1.1 ms and 13.6x. Shuffling
+        # the bits groups the float16 exponents, which is all that compresses in them.
         return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
     return None
 
@@ -146,6 +152,7 @@ class OutputStore:
         self.fs, self.path = fsspec.core.url_to_fs(self.location, **self.storage_options)
         self._group: Any = None
         self._arrays: dict[str, Any] | None = None  # labels/probabilities, opened once
+        self._dense: dict[str, Any] = {}  # the same arrays, storing chunks equal to the fill
 
     def _open(self, mode: Literal["r", "r+", "w"]) -> Any:
         return zarr.open_group(
@@ -311,10 +318,15 @@ class OutputStore:
             for k in range(streamed + 1, levels):
                 build_level(group[f"{name}/{k - 1}"], group[f"{name}/{k}"], name == "labels")
 
-    def _levels(self, name: str) -> list[Any]:
-        """The output's ``labels`` or ``probabilities`` levels that units write (level 0 and the
-        streamed levels; empty when the image is not written), opened once per store object:
-        reopening reads the array's metadata, once per unit on a hot path."""
+    def _levels_of(self, *, dense: bool = False) -> dict[str, list[Any]]:
+        """The output's ``labels`` and ``probabilities`` levels that units write (level 0 and
+        the streamed levels; an image not written is absent), opened once per store object:
+        reopening reads the array's metadata, once per unit on a hot path.
+
+        ``dense`` arrays store every chunk they are given: zarr otherwise compares each chunk
+        with the fill value first, a full pass over a computed unit (about 4 ms of the 5 MB of
+        a 1024 px unit's labels and float16 probabilities) that rarely finds one to skip.
+        """
         if self._arrays is None:
             group = self.group()
             streamed = int(group.attrs["tilewise"].get("streamed_levels", 0))
@@ -323,7 +335,14 @@ class OutputStore:
                 for n in ("labels", "probabilities")
                 if n in group
             }
-        return self._arrays.get(name, [])
+            self._dense = {
+                n: [a.with_config({"write_empty_chunks": True}) for a in levels]
+                for n, levels in self._arrays.items()
+            }
+        return self._dense if dense else self._arrays
+
+    def _levels(self, name: str, *, dense: bool = False) -> list[Any]:
+        return self._levels_of(dense=dense).get(name, [])
 
     def _array(self, name: str) -> Any:
         """The output's ``labels/0`` or ``probabilities/0`` (None when not written)."""
@@ -345,20 +364,64 @@ class OutputStore:
             None if probs is None else str(probs.dtype),
         )
 
+    def streamed_levels(self) -> int:
+        """Levels after level 0 that each unit writes (the rest are built at the end)."""
+        return max((len(v) - 1 for v in self._levels_of().values()), default=0)
+
     def write_arrays(
-        self, unit: Unit, labels: np.ndarray | None, probabilities: np.ndarray | None
+        self,
+        unit: Unit,
+        labels: np.ndarray | None,
+        probabilities: np.ndarray | None,
+        *,
+        dense: bool = True,
     ) -> None:
-        """Write one unit's ready arrays (whole chunks/shards, once each) at level 0 and at each
-        streamed level (reduced from the level above as stored), then its marker."""
-        for name, data in (("labels", labels), ("probabilities", probabilities)):
+        """Write one unit's ready level-0 arrays and the streamed levels reduced from them on
+        the host (each from the level above as stored), then its marker."""
+        n = self.streamed_levels()
+        pyramids: list[list[np.ndarray] | None] = []
+        for data, is_labels in ((labels, True), (probabilities, False)):
             if data is None:
+                pyramids.append(None)
                 continue
-            for k, array in enumerate(self._levels(name)):
-                if k:
-                    data = reduce_unit(data, name == "labels")
+            levels = [data]
+            for _ in range(n):
+                levels.append(reduce_unit(levels[-1], is_labels))
+            pyramids.append(levels)
+        self.write_levels(unit, pyramids[0], pyramids[1], dense=dense)
+
+    def write_levels(
+        self,
+        unit: Unit,
+        labels: list[np.ndarray] | None,
+        probabilities: list[np.ndarray] | None,
+        *,
+        dense: bool = True,
+    ) -> None:
+        """Write one unit's arrays at level 0 and at each streamed level (``[level 0, level 1,
+        ...]``, each the reduction of the one before), whole chunks/shards once each, then its
+        marker.
+
+        ``dense=False`` (units written as background) leaves chunks equal to the fill value
+        unstored, as zarr does by default.
+        """
+        writes: list[tuple[Any, tuple[Any, ...], np.ndarray]] = []
+        for name, levels in (("labels", labels), ("probabilities", probabilities)):
+            if levels is None:
+                continue
+            arrays = self._levels(name, dense=dense)
+            if len(levels) != len(arrays):
+                raise ValueError(
+                    f"{name}: {len(levels)} levels given, the output streams {len(arrays)}"
+                )
+            for k, (array, data) in enumerate(zip(arrays, levels, strict=True)):
                 ys = slice(unit.y0 >> k, -(-unit.y1 // 2**k))
                 xs = slice(unit.x0 >> k, -(-unit.x1 // 2**k))
-                array[..., ys, xs] = data
+                writes.append((array, (..., ys, xs), data))
+        # All of them in one pass of zarr's event loop: the codecs of the 2 x levels arrays run
+        # side by side, and the fixed cost of a synchronous zarr call (about 0.7 ms, most of a
+        # 128 px level's write) is paid once per unit instead of once per array.
+        sync(_set_all(writes))
         self._mark(unit.index)
 
     def _done_dir(self) -> str:
@@ -376,6 +439,10 @@ class OutputStore:
         except FileNotFoundError:
             return set()
         return {int(str(n).rstrip("/").rsplit("/", 1)[-1]) for n in names}
+
+
+async def _set_all(writes: list[tuple[Any, tuple[Any, ...], np.ndarray]]) -> None:
+    await asyncio.gather(*(a.async_array.setitem(sel, data) for a, sel, data in writes))
 
 
 def fingerprint_of(parts: dict[str, Any]) -> str:

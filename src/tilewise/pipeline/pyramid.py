@@ -10,6 +10,10 @@ Streamed levels keep one writer per chunk: level ``k`` is chunked ``chunk / 2**k
 whole chunks at every streamed level. Coarser levels (chunks would get too small to be worth a
 file each) are built by the driver at the end of the run from the last streamed level, block by
 block, in bounded memory.
+
+A predictor reduces its unit's streamed levels on the device (``reduce_tensor``), next to the
+network, and the driver reduces the coarse levels on the host (``reduce_unit``). Both compute the
+same arithmetic in the same order, so they give the same bytes (tested).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = [
     "MIN_STREAMED_CHUNK",
@@ -26,6 +31,8 @@ __all__ = [
     "downsample_mode",
     "level_shapes",
     "level_transforms",
+    "reduce_tensor",
+    "reduce_unit",
     "streamed_levels",
 ]
 
@@ -41,33 +48,55 @@ def _pad_even(a: np.ndarray) -> np.ndarray:
     return np.pad(a, pad, mode="edge") if any(p for _, p in pad) else a
 
 
+def _pad_even_tensor(t: torch.Tensor) -> torch.Tensor:
+    if t.shape[-2] % 2:
+        t = torch.cat([t, t[..., -1:, :]], dim=-2)
+    if t.shape[-1] % 2:
+        t = torch.cat([t, t[..., -1:]], dim=-1)
+    return t
+
+
+def _mode(tl: Any, tr: Any, bl: Any, br: Any, where: Any) -> Any:
+    # Of four values, the first one that occurs twice or more is the most frequent one that
+    # comes first (two pairs tie, and the earlier pair wins); with none repeated, the first.
+    best = where(bl == br, bl, tl)
+    best = where((tr == bl) | (tr == br), tr, best)
+    return where((tl == tr) | (tl == bl) | (tl == br), tl, best)
+
+
 def downsample_mode(a: np.ndarray) -> np.ndarray:
     """2x reduction of labels: the most frequent of each 2x2 block (ties: first in the order
     top-left, top-right, bottom-left, bottom-right); odd edges keep their real pixels' mode."""
     a = _pad_even(a)
-    v = [a[..., 0::2, 0::2], a[..., 0::2, 1::2], a[..., 1::2, 0::2], a[..., 1::2, 1::2]]
-    # Candidate by candidate, keeping the first of the most frequent: a few block-sized
-    # uint8 arrays at a time (a stacked int64 count would take 32 bytes per output pixel).
-    best, best_count = v[0].copy(), np.zeros(v[0].shape, np.uint8)
-    for candidate in v:
-        count = sum(((candidate == other).view(np.uint8) for other in v), np.zeros_like(best_count))
-        better = count > best_count
-        best[better], best_count[better] = candidate[better], count[better]
-    return best
+    return _mode(
+        a[..., 0::2, 0::2], a[..., 0::2, 1::2], a[..., 1::2, 0::2], a[..., 1::2, 1::2], np.where
+    )
 
 
 def downsample_mean(a: np.ndarray) -> np.ndarray:
-    """2x reduction of probabilities: the mean of each 2x2 block (rounded for integers)."""
+    """2x reduction of probabilities: the mean of each 2x2 block (rounded for integers), as
+    ``((top-left + top-right) + (bottom-left + bottom-right)) / 4`` in float32."""
     a = _pad_even(a)
-    m = (
-        a[..., 0::2, 0::2].astype(np.float32)
-        + a[..., 0::2, 1::2]
-        + a[..., 1::2, 0::2]
-        + a[..., 1::2, 1::2]
-    ) / 4
+    f = a.astype(np.float32)
+    m = (f[..., 0::2, 0::2] + f[..., 0::2, 1::2]) + (f[..., 1::2, 0::2] + f[..., 1::2, 1::2])
+    m *= 0.25
     if np.issubdtype(a.dtype, np.integer):
         return np.rint(m).astype(a.dtype)
     return m.astype(a.dtype)
+
+
+def reduce_tensor(t: torch.Tensor, labels: bool) -> torch.Tensor:
+    """``reduce_unit`` on a tensor (on its device), byte for byte: the mode of labels (uint8, or
+    int32 standing for uint16), the mean of float16 or uint8 probabilities."""
+    t = _pad_even_tensor(t)
+    tl, tr, bl, br = t[..., 0::2, 0::2], t[..., 0::2, 1::2], t[..., 1::2, 0::2], t[..., 1::2, 1::2]
+    if labels:
+        return _mode(tl, tr, bl, br, torch.where)
+    f = [v.float() for v in (tl, tr, bl, br)]
+    m = ((f[0] + f[1]) + (f[2] + f[3])) * 0.25
+    if not t.is_floating_point():
+        m = torch.round(m)  # half to even, as numpy's rint
+    return m.to(t.dtype)
 
 
 def level_shapes(height: int, width: int, levels: int) -> list[tuple[int, int]]:
