@@ -347,3 +347,42 @@ def test_a_chunk_write_cut_short_leaves_no_temporary_file_behind(tmp_path: Path)
     report = run_job(job, progress=False)
     assert report.units_computed == 1
     assert not leftover.exists() and not list(out.rglob("*.partial"))
+
+
+ENV_PROBE = """
+import json, os, ray
+from tilewise.pipeline.driver import ALLOCATOR_ENV, _connect
+assert _connect(None)  # started an embedded cluster
+
+
+@ray.remote(num_cpus=1)
+class Probe:
+    def env(self):
+        return {k: os.environ.get(k) for k in ALLOCATOR_ENV}
+
+
+seen = ray.get(Probe.remote().env.remote())
+print(json.dumps({"actor": seen, "driver": {k: os.environ.get(k) for k in ALLOCATOR_ENV}}))
+ray.shutdown()
+"""
+
+
+def test_an_embedded_clusters_actors_get_the_allocator_settings(tmp_path: Path) -> None:
+    """The embedded cluster passes the allocator variables to its processes without a
+    runtime_env; the actors must still see them, and the driver's environment stays as it was."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tilewise.pipeline.driver import ALLOCATOR_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in ALLOCATOR_ENV and k != "RAY_ADDRESS"}
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    done = subprocess.run(
+        [sys.executable, "-c", ENV_PROBE], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["actor"] == ALLOCATOR_ENV
+    assert seen["driver"] == {k: None for k in ALLOCATOR_ENV}

@@ -133,24 +133,35 @@ def _connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env: dict[str, Any] = {"env_vars": ALLOCATOR_ENV}
     if address:
         ray.init(
             address=address,
-            runtime_env=runtime_env,
+            runtime_env={"env_vars": ALLOCATOR_ENV},
             log_to_driver=False,
             logging_level=logging.WARNING,
         )
         return False
-    ray.init(
-        address="local",  # never attach to a stale /tmp/ray/ray_current_cluster by accident
-        num_cpus=os.cpu_count() or 1,
-        include_dashboard=False,
-        object_store_memory=128 * 1024**2,  # only unit indices travel through it
-        runtime_env=runtime_env,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
+    # An embedded cluster's processes inherit the allocator settings instead: a job runtime_env
+    # makes Ray start every actor through its runtime-env set-up (a new process after
+    # setup_worker.py) rather than in the workers it starts with ray.init, about 0.5 s later.
+    # The driver's own allocator is set up already, so this does not change it.
+    saved = {k: os.environ.get(k) for k in ALLOCATOR_ENV}
+    os.environ.update(ALLOCATOR_ENV)
+    try:
+        ray.init(
+            address="local",  # never attach to a stale /tmp/ray/ray_current_cluster by accident
+            num_cpus=os.cpu_count() or 1,
+            include_dashboard=False,
+            object_store_memory=128 * 1024**2,  # only unit indices travel through it
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return True
 
 
@@ -412,9 +423,7 @@ def run_job(
         started = _connect(address or job.compute.address)
         try:
             if todo:
-                workers_used, device = _run_with_progress(
-                    images, todo, workers, job, progress, t0
-                )
+                workers_used, device = _run_with_progress(images, todo, workers, job, progress, t0)
             # Complete as soon as every unit is written: an embedded Ray's shutdown (about
             # 1.4 s of stopping its processes one by one) is not part of the run.
             seconds = _finish(images, t0, workers_used, device, workers, progress)
