@@ -400,7 +400,7 @@ def test_counting_ap_window_by_window_equals_detection_ap_over_the_windows() -> 
         pick = rng.integers(0, max(g, 1), d)
         noise = torch.from_numpy(rng.random((d, 24, 24)) < 0.1)
         pmasks = (masks[pick] ^ noise).float() if g else noise.float()
-        pboxes = (truth["boxes"][pick] if g else torch.zeros(d, 4) + torch.tensor([0, 0, 8, 8]))
+        pboxes = truth["boxes"][pick] if g else torch.zeros(d, 4) + torch.tensor([0, 0, 8, 8])
         pred = {"scores": torch.from_numpy(rng.random(d)).float(),
                 "labels": torch.from_numpy(rng.integers(1, 3, d)), "masks": pmasks,
                 "boxes": pboxes + torch.from_numpy(rng.normal(0, 2, (d, 4))).float()}  # fmt: skip

@@ -97,9 +97,7 @@ def build_network(job: TrainJob, in_channels: int) -> nn.Module:
             m.arch, in_channels=in_channels, num_classes=m.num_classes, **m.args
         )
     else:
-        model = models.create(
-            m.arch, in_channels=in_channels, num_classes=m.num_classes, **m.args
-        )
+        model = models.create(m.arch, in_channels=in_channels, num_classes=m.num_classes, **m.args)
     if m.init:
         from tilewise.training.run import load_init
 
