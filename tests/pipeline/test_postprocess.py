@@ -33,7 +33,9 @@ def test_argmax_classes_equals_torch_argmax_with_ties_and_nans(classes: int) -> 
         if trial % 2:
             scores[rng.random(scores.shape) < 0.1] = np.nan  # NaN wins, the first one
         t = torch.from_numpy(scores)
-        assert torch.equal(argmax_classes(t), torch.argmax(t, dim=0))
+        expected = torch.argmax(t, dim=0)
+        assert torch.equal(argmax_classes(t), expected)
+        assert torch.equal(argmax_classes(t, torch.uint8), expected.to(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "uint8"])

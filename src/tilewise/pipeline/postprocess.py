@@ -31,28 +31,32 @@ def labels_tensor(scores: np.ndarray | torch.Tensor, dtype: str) -> torch.Tensor
     are cast when copied out.
     """
     s = _tensor(scores)
-    labels = (s[0] > 0) if s.shape[0] == 1 else argmax_classes(s)
-    return labels.to(torch.uint8 if dtype == "uint8" else torch.int32)
+    out = torch.uint8 if dtype == "uint8" else torch.int32
+    return (s[0] > 0).to(out) if s.shape[0] == 1 else argmax_classes(s, out)
 
 
-def argmax_classes(scores: torch.Tensor) -> torch.Tensor:
-    """``torch.argmax(scores, dim=0)`` of (K, h, w) scores (int64), as K - 1 element-wise passes.
+def argmax_classes(scores: torch.Tensor, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """``torch.argmax(scores, dim=0)`` of (K, h, w) scores, as K - 1 element-wise passes, in
+    ``dtype`` (wide enough for K - 1).
 
     On CPU, torch reduces over the leading dimension of a contiguous tensor with a strided
     kernel: 175 ms for a 2 x 1024^2 unit, two thirds of the time of that unit's forward passes.
-    Comparing the class maps one by one takes about 6 ms. Same result: the first maximum wins
+    Comparing the class maps one by one takes about 2 ms. Same result: the first maximum wins
     ties, and a NaN score wins like in ``torch.argmax`` (the first NaN).
     """
     best = scores[0]
-    index = torch.zeros(best.shape, dtype=torch.int64, device=scores.device)
+    # Built in the labels' own dtype: an int64 index would be 8 bytes a pixel, cast afterwards.
+    index = torch.zeros(best.shape, dtype=dtype, device=scores.device)
     best_nan = torch.isnan(best)
-    for k in range(1, scores.shape[0]):
+    last = scores.shape[0] - 1
+    for k in range(1, last + 1):
         s = scores[k]
         s_nan = torch.isnan(s)
         better = (s > best) | (s_nan & ~best_nan)
         index.masked_fill_(better, k)
-        best = torch.where(better, s, best)
-        best_nan = best_nan | s_nan
+        if k < last:  # the last class's comparison is not compared against again
+            best = torch.where(better, s, best)
+            best_nan = best_nan | s_nan
     return index
 
 
