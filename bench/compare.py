@@ -290,29 +290,62 @@ def worker_dask(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def worker_model_only(cfg: dict[str, Any]) -> dict[str, Any]:
-    """tilewise's forward passes (same window, same batch sizes) on random data in memory."""
+def _model_only_part(cfg: dict[str, Any], part: int, ready: Any, go: Any) -> tuple[float, float]:
+    """Forwards ``part``, ``part + workers``, ... of tilewise's run: (seconds, CPU seconds)."""
     import torch
 
     set_threads(cfg["threads"])
     model = load_model(cfg)
     win = cfg["window"]
-    gen = torch.Generator().manual_seed(0)
-    data = {b: torch.rand(b, CHANNELS, win, win, generator=gen) for b in set(cfg["batches"])}
+    batches = cfg["batches"][part :: cfg["workers"]]
+    gen = torch.Generator().manual_seed(part)
+    data = {b: torch.rand(b, CHANNELS, win, win, generator=gen) for b in set(batches)}
     with torch.inference_mode():
-        model(data[cfg["batches"][0]])  # warm-up, not timed (so the ceiling is steady-state)
+        model(data[batches[0]])  # warm-up, not timed (so the ceiling is steady-state)
+        if ready is not None:
+            ready.wait()  # every process warmed up: start together
+            go.wait()
         t0, c0 = time.perf_counter(), time.process_time()
-        for b in cfg["batches"]:
+        for b in batches:
             model(data[b])
-        seconds = time.perf_counter() - t0
-        cpu = time.process_time() - c0  # all threads of this process
+        return time.perf_counter() - t0, time.process_time() - c0  # all threads of the process
+
+
+def _model_only_process(cfg: dict[str, Any], part: int, ready: Any, go: Any, out: Any) -> None:
+    out.put(_model_only_part(cfg, part, ready, go))
+
+
+def worker_model_only(cfg: dict[str, Any]) -> dict[str, Any]:
+    """tilewise's forward passes (same window, same batch sizes) on random data in memory, in
+    as many processes as tilewise has actors (``--workers``), each with ``--threads`` threads:
+    the ceiling of the same layout. Its seconds are the slowest process's."""
+    workers = int(cfg.get("workers", 1))
+    if workers == 1:
+        seconds, cpu = _model_only_part(cfg, 0, None, None)
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        ready, go, out = ctx.Barrier(workers + 1), ctx.Barrier(workers + 1), ctx.Queue()
+        procs = [
+            ctx.Process(target=_model_only_process, args=(cfg, k, ready, go, out))
+            for k in range(workers)
+        ]
+        for proc in procs:
+            proc.start()
+        ready.wait()
+        go.wait()
+        parts = [out.get() for _ in procs]
+        for proc in procs:
+            proc.join()
+        seconds, cpu = max(t for t, _ in parts), sum(c for _, c in parts)
     mark_done(cfg)
     return {
         "compute_seconds": seconds,
         "compute_cpu_seconds": cpu,
         "forwards": len(cfg["batches"]),
         "windows": sum(cfg["batches"]),
-        "computed_pixels": sum(cfg["batches"]) * win * win,
+        "computed_pixels": sum(cfg["batches"]) * cfg["window"] ** 2,
     }
 
 
@@ -395,6 +428,7 @@ output:
   chunk: {chunk}
 compute:
   cpus_per_worker: {threads}
+  workers: {workers}
 """
 
 
@@ -416,6 +450,7 @@ def write_job(
             output=folder / "out.zarr",
             chunk=args.chunk,
             threads=args.threads,
+            workers=args.workers,
         )
     )
     return job
@@ -753,6 +788,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads", type=int, default=os.cpu_count() or 1, help="torch threads of every method"
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="tilewise's predictor actors (--threads torch threads each); model-only runs its "
+        "forwards in as many processes side by side, the same layout",
+    )
     p.add_argument("--tile", type=int, default=512, help="output px per window (tilewise, loop)")
     p.add_argument("--batch", type=int, default=4, help="windows per forward (tilewise, MONAI)")
     p.add_argument("--chunk", type=int, default=1024, help="tilewise's output chunk (write unit)")
@@ -814,6 +856,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--classes must be at least 2 (class-1 probability); got {args.classes}")
     if not 1 <= args.threads <= (os.cpu_count() or 1):
         p.error(f"--threads must be 1..{os.cpu_count()} (tilewise's actor reserves them in Ray)")
+    if not 1 <= args.workers * args.threads <= (os.cpu_count() or 1):
+        p.error(
+            f"--workers x --threads must be 1..{os.cpu_count()} (each actor reserves its threads "
+            f"in Ray); got {args.workers} x {args.threads}"
+        )
 
     size = args.size
     mpx = size * size / 1e6
@@ -894,6 +941,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_args": args.model_args,
         "classes": args.classes,
         "threads": args.threads,
+        "workers": args.workers,
         "tile": args.tile,
         "batch": args.batch,
         "window": window,
@@ -917,6 +965,7 @@ def main(argv: list[str] | None = None) -> int:
         "mpx": round(mpx, 2),
         "cpus": os.cpu_count(),
         "threads": args.threads,
+        "workers": args.workers,
         "tile": args.tile,
         "batch": args.batch,
         "chunk": args.chunk,
@@ -1069,7 +1118,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"{size} x {size} px ({mpx:.1f} Mpx), {ARCH} {args.model_args}, {args.classes} classes, "
-        f"tile {args.tile}, window {window}, batch {args.batch}, {args.threads} torch threads, "
+        f"tile {args.tile}, window {window}, batch {args.batch}, {args.threads} torch threads"
+        f"{f' x {args.workers} processes (tilewise, model-only)' if args.workers > 1 else ''}, "
         f"{os.cpu_count()} CPUs; reference: {mode}; load average "
         f"{result['load_average_at_start'][1]:.1f} at the start, {os.getloadavg()[1]:.1f} now "
         f"(5 min)"
