@@ -49,6 +49,7 @@ __all__ = [
     "box_iou",
     "clip_boxes",
     "detection_ap",
+    "greedy_matches",
     "mask_iou",
     "match_proposals",
     "nms",
@@ -584,6 +585,25 @@ def average_precision(scores: Tensor, is_tp: Tensor, num_gt: int) -> float:
     return float(values.mean())
 
 
+def greedy_matches(iou: Tensor, iou_threshold: float) -> Tensor:
+    """(D,) bool: which detections (rows of ``iou``, by falling score) are true positives,
+    COCO-style: each takes the unmatched ground-truth object (column) it overlaps most, at
+    least ``iou_threshold``."""
+    d, g = iou.shape
+    matched = np.zeros(g, dtype=bool)
+    tp = torch.zeros(d, dtype=torch.bool)
+    for i in range(d):
+        best, m = iou_threshold, -1
+        for j in range(g):
+            if matched[j] or iou[i, j] < best:
+                continue
+            best, m = float(iou[i, j]), j
+        if m >= 0:
+            matched[m] = True
+            tp[i] = True
+    return tp
+
+
 def detection_ap(
     predictions: Sequence[Mapping[str, Tensor]],
     targets: Sequence[Mapping[str, Tensor]],
@@ -626,17 +646,7 @@ def detection_ap(
             d = torch.where(labels == c)[0]
             g = torch.where(tgt["labels"] == c)[0]
             iou = (box_iou if iou_type == "box" else mask_iou)(items[d], tgt[key][g])
-            matched = np.zeros(g.numel(), dtype=bool)
-            tp = torch.zeros(d.numel(), dtype=torch.bool)
-            for i in range(d.numel()):
-                best, m = iou_threshold, -1
-                for j in range(g.numel()):
-                    if matched[j] or iou[i, j] < best:
-                        continue
-                    best, m = float(iou[i, j]), j
-                if m >= 0:
-                    matched[m] = True
-                    tp[i] = True
+            tp = greedy_matches(iou, iou_threshold)
             s, t, n = per_class.get(c, ([], [], 0))
             per_class[c] = ([*s, scores[d].cpu()], [*t, tp], n + g.numel())
     return {

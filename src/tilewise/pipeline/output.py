@@ -33,9 +33,9 @@ from tilewise.pipeline.pyramid import (
     build_level,
     level_shapes,
     level_transforms,
-    reduce_unit,
     spatial_attributes,
     streamed_levels,
+    unit_levels,
 )
 from tilewise.pipeline.stores import _storage, is_url, local_path
 
@@ -379,16 +379,12 @@ class OutputStore:
         """Write one unit's ready level-0 arrays and the streamed levels reduced from them on
         the host (each from the level above as stored), then its marker."""
         n = self.streamed_levels()
-        pyramids: list[list[np.ndarray] | None] = []
-        for data, is_labels in ((labels, True), (probabilities, False)):
-            if data is None:
-                pyramids.append(None)
-                continue
-            levels = [data]
-            for _ in range(n):
-                levels.append(reduce_unit(levels[-1], is_labels))
-            pyramids.append(levels)
-        self.write_levels(unit, pyramids[0], pyramids[1], dense=dense)
+        self.write_levels(
+            unit,
+            None if labels is None else unit_levels(labels, n, labels=True),
+            None if probabilities is None else unit_levels(probabilities, n, labels=False),
+            dense=dense,
+        )
 
     def write_levels(
         self,

@@ -34,6 +34,7 @@ __all__ = [
     "reduce_tensor",
     "reduce_unit",
     "streamed_levels",
+    "unit_levels",
 ]
 
 # Smallest chunk side of a level written unit by unit: below it, a file per chunk costs more
@@ -141,6 +142,17 @@ def level_transforms(levels: int, base: list[float]) -> list[tuple[list[float], 
 def reduce_unit(block: np.ndarray, labels: bool) -> np.ndarray:
     """One 2x reduction of a unit's (or a block's) stored pixels."""
     return downsample_mode(block) if labels else downsample_mean(block)
+
+
+def unit_levels(level0: Any, streamed: int, *, labels: bool) -> list[Any]:
+    """``[level0, level0 reduced once, ...]``: level 0 and the ``streamed`` levels a unit writes,
+    each reduced from the one before; numpy arrays on the host (:func:`reduce_unit`), tensors
+    where they are (:func:`reduce_tensor`)."""
+    reduce = reduce_tensor if isinstance(level0, torch.Tensor) else reduce_unit
+    levels = [level0]
+    for _ in range(streamed):
+        levels.append(reduce(levels[-1], labels))
+    return levels
 
 
 def build_level(source: Any, target: Any, labels: bool, *, block: int = 2048) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from tilewise.models.detection import average_precision, box_iou, mask_iou
+from tilewise.models.detection import average_precision, box_iou, greedy_matches, mask_iou
 from tilewise.models.maskrcnn import targets_from_instances
 from tilewise.training.shards import ObjectClasses
 
@@ -135,17 +135,7 @@ class APCounter:
             d = torch.where(labels == c)[0]
             g = torch.where(target["labels"] == c)[0]
             iou = pair_iou(items[d], truth[g])
-            matched = np.zeros(g.numel(), dtype=bool)
-            hit = torch.zeros(d.numel(), dtype=torch.bool)
-            for i in range(d.numel()):
-                best, m = self.iou_threshold, -1
-                for j in range(g.numel()):
-                    if matched[j] or iou[i, j] < best:
-                        continue
-                    best, m = float(iou[i, j]), j
-                if m >= 0:
-                    matched[m] = True
-                    hit[i] = True
+            hit = greedy_matches(iou, self.iou_threshold)
             self._scores.setdefault(c, []).append(scores[d].detach().cpu())
             self._hits.setdefault(c, []).append(hit)
             self._objects[c] = self._objects.get(c, 0) + g.numel()

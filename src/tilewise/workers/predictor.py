@@ -37,7 +37,7 @@ from tilewise.pipeline.postprocess import (
     labels_tensor,
     probabilities_tensor,
 )
-from tilewise.pipeline.pyramid import reduce_tensor
+from tilewise.pipeline.pyramid import unit_levels
 from tilewise.spec import PredictJob
 
 __all__ = ["Predictor", "UnitResult", "precision_name", "resolve_precision"]
@@ -214,7 +214,7 @@ class Predictor:
         # writing thread, and on a GPU only the reduced pixels cross the bus.
         streamed = state.output.streamed_levels()
         pyramids = [
-            None if t is None else _pyramid(t, streamed, labels=t is labels)
+            None if t is None else unit_levels(t, streamed, labels=t is labels)
             for t in (labels, probs)
         ]
         host = [
@@ -256,14 +256,6 @@ class Predictor:
         """Where this actor computes (for the report)."""
         precision = "float32" if self.precision is None else str(self.precision).split(".")[-1]
         return f"{self.device} ({precision})"
-
-
-def _pyramid(t: torch.Tensor, streamed: int, *, labels: bool) -> list[torch.Tensor]:
-    """``[t, t reduced once, ...]``: level 0 and ``streamed`` levels after it."""
-    levels = [t]
-    for _ in range(streamed):
-        levels.append(reduce_tensor(levels[-1], labels))
-    return levels
 
 
 def _crf_scores(
