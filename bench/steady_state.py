@@ -3,13 +3,16 @@
     python bench/steady_state.py --size 8192 --workdir /tmp/tw-steady
     python bench/steady_state.py --size 8192 --workdir /tmp/tw-steady --where ray --rounds 8
     python bench/steady_state.py --size 8192 --workdir /tmp/tw-steady --labels-only
+    python bench/steady_state.py --size 8192 --workdir /tmp/tw-steady --order rows
 
 ``bench/compare.py`` measures a whole run, whose first seconds go to starting Ray and the actor.
 This measures what a unit costs once everything runs: one ``Predictor`` (the actor's class) with
 ``prefetch + 1`` calls in flight from as many threads (as Ray's threaded actor runs them), over
 the units of a mosaic, against the same forward passes alone. The two alternate in rounds (``--per``
 units pipelined, then the same number of forwards on the predictor's device thread, on random
-windows of the same size), so that the drift of shared cores falls on both alike.
+windows of the same size), so that the drift of shared cores falls on both alike. Units go in
+the driver's order (bands of 2 unit rows, column by column) or, with ``--order rows``, row-major;
+the input chunks decoded per unit are printed with the times.
 
 ``--where local`` (the default) runs the predictor in this process; ``--where ray`` in a Ray actor
 of an embedded cluster (Ray's own processes then share the cores, as in a real run).
@@ -68,6 +71,10 @@ class Harness:
     def run_unit(self, image: int, index: int) -> None:
         self.predictor.run_unit(image, index)
 
+    def decodes(self) -> int:
+        """Input chunks decoded so far (the block cache's misses)."""
+        return int(self.predictor._images[0].prepared.image._blocks.misses)
+
     def forwards(self, n: int) -> float:
         """Seconds of ``n`` forward passes of one full batch of windows on random data."""
         import torch
@@ -96,6 +103,12 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--prefetch", type=int, default=2)
     p.add_argument("--labels-only", action="store_true", help="no probabilities, one level")
+    p.add_argument(
+        "--order",
+        choices=["bands", "rows"],
+        default="bands",
+        help="units in the driver's order (bands of 2 rows, column by column) or row-major",
+    )
     args = p.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -154,6 +167,9 @@ def main() -> int:
 
         def forwards(n: int) -> float:
             return float(ray.get(actor.forwards.remote(n)))
+
+        def decodes() -> int:
+            return int(ray.get(actor.decodes.remote()))
     else:
         harness = Harness(jobs, args.threads)
         pool = ThreadPoolExecutor(inflight)
@@ -170,9 +186,18 @@ def main() -> int:
         def forwards(n: int) -> float:
             return harness.forwards(n)
 
+        def decodes() -> int:
+            return harness.decodes()
+
+    from tilewise.workers.predictor import BAND_ROWS
+
+    order = (
+        prepared.grid.band_order(BAND_ROWS) if args.order == "bands" else list(range(units))
+    )
     # Warm-up: the first unit (opening the stores, the first forward's allocations).
-    finish([start(0)])
+    finish([start(order[0])])
     forwards(1)
+    decoded = decodes()
     pipelined = alone = 0.0
     rows = []
     k = 1
@@ -182,7 +207,7 @@ def main() -> int:
         last = k + args.per
         while k < last or pending:
             while len(pending) < inflight and k < last:
-                pending.append(start(k))
+                pending.append(start(order[k]))
                 k += 1
             pending = finish(pending)
         tp = time.perf_counter() - t0
@@ -200,10 +225,12 @@ def main() -> int:
         print(f"{r:5d}  {a:17.0f}  {b:16.0f}  {e:10.3f}")
     n = args.rounds * args.per
     eff = alone / pipelined
+    per_unit = (decodes() - decoded) / n
     print(
         f"total  {pipelined / n * 1e3:17.0f}  {alone / n * 1e3:16.0f}  {eff:10.3f}"
         "   (efficiency = forwards alone / the same units pipelined)"
     )
+    print(f"input chunks decoded per unit: {per_unit:.2f} (units in {args.order} order)")
     (work / "steady_state.json").write_text(
         json.dumps(
             {
@@ -214,6 +241,8 @@ def main() -> int:
                 "ms_per_unit": pipelined / n * 1e3,
                 "ms_per_forward": alone / n * 1e3,
                 "efficiency": eff,
+                "order": args.order,
+                "decodes_per_unit": per_unit,
             },
             indent=1,
         )

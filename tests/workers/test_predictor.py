@@ -15,7 +15,7 @@ from tests.conftest import write_input
 from tilewise.pipeline.job import prepare
 from tilewise.pipeline.output import OutputStore
 from tilewise.spec import parse_job
-from tilewise.workers.predictor import Predictor, resolve_precision
+from tilewise.workers.predictor import BAND_ROWS, Predictor, resolve_precision
 
 
 def _job(tmp_path: Path, out: str, **compute: Any) -> Any:
@@ -104,3 +104,56 @@ def test_cuda_amp_units_match_cpu_float32(tmp_path: Path) -> None:
         got = zarr.open_group(tmp_path / f"{precision}.zarr", mode="r")["probabilities/0"][:]
         error = np.abs(got.astype(int) - np.rint(probs * 255)).max()
         assert error <= (1 if precision == "float32" else 8)
+
+
+@pytest.mark.parametrize("order", ["bands", "rows"])
+def test_units_in_band_order_decode_each_input_chunk_at_most_twice(
+    tmp_path: Path, order: str
+) -> None:
+    """Walking the driver's order with the blocks the predictor keeps, every input chunk is
+    decoded once per band of units whose reads reach it (at most twice); row-major order, with
+    the same cache, decodes the chunks under every unit row three times."""
+    # 64 px chunks, 5 x 12 units: a row of units reads more chunks than the predictor keeps.
+    write_input(tmp_path / "in.zarr", shape=(3, 320, 768))
+    job = _job(tmp_path, "o.zarr")
+    p = _prepare_output(job)
+    assert p.plan.y.halo > 0  # the reads of neighbouring units overlap
+    predictor = Predictor([job.model_dump(mode="json")], threads=1, device="cpu")
+    image = predictor._image(0).prepared.image
+    decoded: dict[tuple[int, int], int] = {}
+    read = image._read
+
+    def counted(y0: int, y1: int, x0: int, x1: int) -> Any:
+        key = (y0 // 64, x0 // 64)
+        decoded[key] = decoded.get(key, 0) + 1
+        return read(y0, y1, x0, x1)
+
+    image._read = counted  # type: ignore[method-assign]
+    units = p.grid.band_order(BAND_ROWS) if order == "bands" else list(range(len(p.grid)))
+    for k in units:
+        predictor.run_unit(0, k)
+    assert len(decoded) == 5 * 12  # every chunk was read
+    interior = [n for (by, bx), n in decoded.items() if 0 < by < 4 and 0 < bx < 11]
+    if order == "bands":
+        assert max(decoded.values()) <= 2
+    else:
+        assert interior and min(interior) == 3
+
+
+def test_blocks_kept_cover_two_columns_of_a_band_within_the_byte_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tilewise.workers import predictor as module
+
+    write_input(tmp_path / "in.zarr", shape=(3, 320, 768))
+    p = prepare(_job(tmp_path, "o.zarr"))
+    halo = p.plan.y.halo
+    assert 0 < halo < 64
+    # A band of 2 units with its halos spans 4 chunk rows; a unit column with the next one and
+    # their halos, 4 chunk columns (64 px chunks and units).
+    assert module.blocks_to_keep(p) == 4 * 4
+    block_bytes = 3 * 64 * 64
+    monkeypatch.setattr(module, "KEPT_BYTES", 5 * block_bytes + 1)
+    assert module.blocks_to_keep(p) == 5
+    monkeypatch.setattr(module, "KEPT_BYTES", 1)
+    assert module.blocks_to_keep(p) == 1

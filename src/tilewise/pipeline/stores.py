@@ -265,17 +265,23 @@ class InputImage:
         A unit plus its halo touches 3 x 3 chunks of an input chunked like the output, so a
         plain read decodes nine chunks for one chunk's worth of pixels (18.6 ms against 2.4 ms
         for an interior 1024 px unit of a zstd RGB mosaic). The next unit along the row shares
-        six of them: with the last 12 blocks kept, an actor walking a row decodes three.
+        six of them: with the last 12 blocks kept, an actor walking a row decodes three; walking
+        bands of two rows column by column (:meth:`UnitGrid.band_order`), 16 blocks kept, two.
         """
         self._blocks = BlockCache(sys.maxsize, max_blocks=blocks) if blocks else None
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """(height, width) of the array's chunks: what one decode yields."""
+        chunks = tuple(int(c) for c in self.array.chunks)
+        return (chunks[1], chunks[2]) if self.axes == "cyx" else (chunks[0], chunks[1])
 
     def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels ``[:, y0:y1, x0:x1]`` as a (C, h, w) array."""
         cache: BlockCache | None = getattr(self, "_blocks", None)
         if cache is None:
             return self._read(y0, y1, x0, x1)
-        chunks = tuple(int(c) for c in self.array.chunks)
-        ch, cw = (chunks[1], chunks[2]) if self.axes == "cyx" else (chunks[0], chunks[1])
+        ch, cw = self.block_shape
         _, height, width = self.shape
 
         def block(by: int, bx: int) -> np.ndarray:

@@ -47,3 +47,21 @@ class UnitGrid:
 
     def __iter__(self) -> Iterator[Unit]:
         return (self.unit(k) for k in range(len(self)))
+
+    def band_order(self, band: int = 2) -> list[int]:
+        """Every unit index once, in bands of ``band`` unit rows, each band walked column by
+        column (top to bottom within a column), alternate bands right to left.
+
+        Why: a unit's halo reaches into the input chunks around it, so a reader keeping the last
+        few decoded chunks decodes ``(band + 2) / band`` chunks per unit walking this order
+        (2 for bands of 2), against 3 walking row-major order; the turn at a band's end keeps the
+        chunks the next band shares with it.
+        """
+        if band < 1:
+            raise ValueError(f"band must be at least 1; got {band}")
+        order: list[int] = []
+        for b, top in enumerate(range(0, self.rows, band)):
+            rows = range(top, min(top + band, self.rows))
+            cols = range(self.cols) if b % 2 == 0 else range(self.cols - 1, -1, -1)
+            order.extend(i * self.cols + j for j in cols for i in rows)
+        return order

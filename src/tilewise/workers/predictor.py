@@ -40,13 +40,33 @@ from tilewise.pipeline.postprocess import (
 from tilewise.pipeline.pyramid import unit_levels
 from tilewise.spec import PredictJob
 
-__all__ = ["Predictor", "UnitResult", "precision_name", "resolve_precision"]
+__all__ = ["Predictor", "UnitResult", "blocks_to_keep", "precision_name", "resolve_precision"]
 
 # Images whose stores and plans an actor keeps open at once (jobs over thousands of slides).
 OPEN_IMAGES = 4
-# Decoded input chunk blocks an actor keeps per image: a unit touches up to 3 x 3, and the next
-# one along the row reuses six of them (36 MB for 1024 px RGB uint8 chunks).
-KEPT_BLOCKS = 12
+# Unit rows per band of the order units are handed out in (UnitGrid.band_order): neighbouring
+# units share input chunks through their halos, and the actor keeps the decoded ones.
+BAND_ROWS = 2
+# At most this many bytes of decoded input blocks kept per image (16 blocks, 48 MB, for 1024 px
+# RGB uint8 chunks; fewer for inputs of many bands or large chunks, which then decode more).
+KEPT_BYTES = 256 * 1024**2
+
+
+def blocks_to_keep(prepared: PreparedJob, band: int = BAND_ROWS) -> int:
+    """Decoded input blocks an actor keeps per image: the blocks that the units of a band walked
+    column by column need at once, the current column of units and the next one (their reads
+    overlap by the halos), within :data:`KEPT_BYTES`."""
+    grid, plan, image = prepared.grid, prepared.plan, prepared.image
+    middle = grid.unit((grid.rows // 2) * grid.cols + grid.cols // 2)
+    region = prepared.compute_region(middle)
+    ry0, ry1 = plan.y.read_range(region.y0, region.y1)
+    rx0, rx1 = plan.x.read_range(region.x0, region.x1)
+    ch, cw = image.block_shape
+    # + 1: a read that is not aligned with the chunk grid touches one more block.
+    rows = -(-(ry1 - ry0 + (band - 1) * grid.side) // ch) + 1
+    cols = -(-(rx1 - rx0 + grid.side) // cw) + 1
+    block_bytes = image.shape[0] * ch * cw * np.dtype(image.dtype).itemsize
+    return max(1, min(rows * cols, KEPT_BYTES // block_bytes))
 
 
 def precision_name(precision: str, device_type: str, bf16_supported: bool) -> str:
@@ -130,7 +150,7 @@ class Predictor:
             spec = self.specs[image]
             prepared = prepare(spec)
             # Neighbouring units share input chunks through their halos (InputImage.keep_blocks).
-            prepared.image.keep_blocks(KEPT_BLOCKS)
+            prepared.image.keep_blocks(blocks_to_keep(prepared))
             engine = TileEngine(
                 self._model(prepared.in_channels),
                 prepared.plan,
