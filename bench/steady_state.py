@@ -191,9 +191,7 @@ def main() -> int:
 
     from tilewise.workers.predictor import BAND_ROWS
 
-    order = (
-        prepared.grid.band_order(BAND_ROWS) if args.order == "bands" else list(range(units))
-    )
+    order = prepared.grid.band_order(BAND_ROWS) if args.order == "bands" else list(range(units))
     # Warm-up: the first unit (opening the stores, the first forward's allocations).
     finish([start(order[0])])
     forwards(1)
