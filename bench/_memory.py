@@ -112,6 +112,9 @@ class Sampler:
     root: psutil.Process
     started: float  # time.time() when the run began; older processes are never counted
     interval: float = 0.2
+    # time.time() when the command measured began, when ``started`` is earlier (a Ray head
+    # started before it): CPU time spent before this is left out of cpu_seconds
+    run_started: float = 0.0
     samples: int = 0
     peak_rss: Sample | None = None
     peak_pss: Sample | None = None
@@ -137,7 +140,7 @@ class Sampler:
         Less sensitive than wall time to other work on a shared machine. Time a process spends
         after its last sample (at most one interval) is not counted.
         """
-        return sum(e["cpu_s"] for e in self.seen.values())
+        return sum(e["cpu_s"] - e["cpu_before_s"] for e in self.seen.values())
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -222,6 +225,13 @@ class Sampler:
                     "max_rss_mb": 0.0,
                     "max_pss_mb": 0.0,
                     "cpu_s": 0.0,
+                    # CPU a process had spent before the run (a Ray head's daemons, started
+                    # earlier) is not the run's: counted from the first sample on
+                    "cpu_before_s": (
+                        round(times.user + times.system, 2)
+                        if proc.create_time() + 1.0 < self.run_started
+                        else 0.0
+                    ),
                 },
             )
             # Ray workers rename themselves (ray::IDLE -> ray::Predictor...).

@@ -40,12 +40,18 @@ fit in memory (refused before anything starts).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -539,11 +545,74 @@ def child_env(threads: int) -> dict[str, str]:
     return env
 
 
+@dataclass
+class RayHead:
+    """A Ray head started before the runs (``--ray-head``), as a cluster's would be."""
+
+    address: str
+    started: float  # time.time() before it started: its processes count in memory
+    session: str  # its session folder, whose processes the memory sampler counts
+    leader: subprocess.Popen[bytes]
+
+
+@contextmanager
+def ray_head(env: dict[str, str], cpus: int, log: Path) -> Iterator[RayHead]:
+    """``ray start --head --block`` on loopback with ``env``; stopped (its session's processes
+    killed) on exit."""
+    ray_bin = Path(sys.executable).with_name("ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.time()
+    cmd = [
+        str(ray_bin), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+        "--port", str(port), "--num-cpus", str(cpus), "--include-dashboard", "false",
+        "--disable-usage-stats",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        leader = subprocess.Popen(
+            cmd, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # ready once a client can see the head's CPUs
+            check = subprocess.run(
+                [str(ray_bin), "status", "--address", address], env=env, capture_output=True
+            )
+            if check.returncode == 0 and b"CPU" in check.stdout:
+                break
+            if leader.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the Ray head did not start:\n{log.read_text()}")
+            time.sleep(0.5)
+        session = os.path.realpath("/tmp/ray/session_latest")
+        print(f"Ray head at {address} ({session}), up in {time.time() - started:.1f} s")
+        time.sleep(3)  # a cluster's head has long settled when a job comes
+        yield RayHead(address, started, session, leader)
+    finally:
+        # Its process group, then whatever else runs in its session (workers).
+        members = []
+        for proc in psutil.process_iter():
+            with contextlib.suppress(ProcessLookupError, PermissionError, psutil.Error):
+                if os.getsid(proc.pid) == leader.pid:
+                    members.append(proc)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGTERM)
+        # `ray start --block` takes its time over SIGTERM: what is left after a moment is killed
+        _, alive = psutil.wait_procs(members, timeout=1)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+        leader.wait(timeout=5)
+
+
 def measure(
     name: str, cmd: list[str], env: dict[str, str], log: Path, interval: float,
-    marker: Path | None = None,
+    marker: Path | None = None, head: RayHead | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Run ``cmd``; sample its process tree's memory until it exits (or writes ``marker``)."""
+    """Run ``cmd``; sample its process tree's memory until it exits (or writes ``marker``);
+    with ``head``, that head's processes too."""
     if marker is not None:
         marker.unlink(missing_ok=True)
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
@@ -552,7 +621,14 @@ def measure(
     with open(log, "w") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True)
         active = (lambda: not marker.exists()) if marker is not None else None
-        sampler = Sampler(psutil.Process(proc.pid), started, interval=interval, active=active)
+        sampler = Sampler(
+            psutil.Process(proc.pid),
+            head.started if head is not None else started,
+            interval=interval,
+            active=active,
+            sessions={head.session} if head is not None else set(),
+            run_started=started,
+        )
         sampler.start()
         stdout, _ = proc.communicate()
         process_wall = time.perf_counter() - t0
@@ -560,7 +636,8 @@ def measure(
     wall = process_wall
     if marker is not None and marker.exists():
         wall = float(marker.read_text()) - started
-    left = leftover_ray(started, sampler.sessions) if sampler.sessions else []
+    # (a head's processes outlive the run by design)
+    left = leftover_ray(started, sampler.sessions) if sampler.sessions and not head else []
     peak_rss = sampler.peak_rss.rss if sampler.peak_rss else 0
     peak_pss = sampler.peak_pss.pss if sampler.peak_pss else 0
     res: dict[str, Any] = {
@@ -591,9 +668,15 @@ def measure(
     return res
 
 
-def run_tilewise(job: Path, env: dict[str, str], interval: float) -> dict[str, Any]:
+def run_tilewise(
+    job: Path, env: dict[str, str], interval: float, head: RayHead | None = None
+) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "tilewise.cli", "run", str(job), "--json", "--no-progress"]
-    res = measure("tilewise", [*cmd, "--overwrite"], env, job.parent / "run.log", interval)
+    if head is not None:
+        env = {**env, "RAY_ADDRESS": head.address}
+    res = measure(
+        "tilewise", [*cmd, "--overwrite"], env, job.parent / "run.log", interval, head=head
+    )
     report: dict[str, Any] = {}
     for line in reversed(res.pop("stdout_tail").splitlines()):
         try:
@@ -834,6 +917,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0.2,
         help="memory sampling period (s); longer where sampling would take over 2 %% of a core",
     )
+    p.add_argument(
+        "--ray-head",
+        action="store_true",
+        help="run tilewise against a Ray head started before it (ray start --head on loopback, "
+        "RAY_ADDRESS), as on a cluster: Ray's start and stop are not in its run; the head's "
+        "processes count in its memory",
+    )
     p.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
@@ -966,6 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "threads": args.threads,
         "workers": args.workers,
+        "ray_head": args.ray_head,
         "tile": args.tile,
         "batch": args.batch,
         "chunk": args.chunk,
@@ -1009,7 +1100,19 @@ def main(argv: list[str] | None = None) -> int:
 
     for _ in range(args.repeat):
         for name in methods:
-            if name == "tilewise":
+            if name == "tilewise" and args.ray_head:
+
+                def against_head() -> dict[str, Any]:
+                    cpus = os.cpu_count() or 1
+                    with ray_head(env, cpus, work / "ray-head.log") as head:
+                        return run_tilewise(job, env, args.interval, head)
+
+                attempt(name, against_head)
+                attempt(
+                    "model-only",
+                    lambda: run_in_worker("model-only", cfg, work, env, args.interval),
+                )
+            elif name == "tilewise":
                 attempt(name, lambda: run_tilewise(job, env, args.interval))
                 attempt(
                     "model-only",
@@ -1125,8 +1228,9 @@ def main(argv: list[str] | None = None) -> int:
         f"(5 min)"
     )
     print(table(rows, header, args.markdown))
+    ray_stop = "against a running Ray head" if args.ray_head else "incl. Ray start/stop"
     print(
-        "wall = command start to result (tilewise: whole CLI run incl. Ray start/stop); own = "
+        f"wall = command start to result (tilewise: whole CLI run {ray_stop}); own = "
         "tilewise's report seconds, or the method's in-process time from opening the input; CPU s "
         "= user + system seconds of the method's process tree up to its result; "
         "overlap = computed / output px; Δp1 vs whole-image inference (float16 outputs round by "
@@ -1147,10 +1251,11 @@ def main(argv: list[str] | None = None) -> int:
             )
     if "pipeline_efficiency" in result:
         e = result["pipeline_efficiency"]
+        ray_start = "against a running Ray head" if args.ray_head else "incl. Ray start"
         print(
             f"pipeline efficiency (tilewise Mpx/s / model-only {e['model_only_mpx_per_s']:.2f} "
             f"Mpx/s on the same {len(plan['batches'])} forwards): {e['by_report_seconds']:.2f} "
-            f"by tilewise's report seconds (incl. Ray start), {e['by_command_wall']:.2f} by the "
+            f"by tilewise's report seconds ({ray_start}), {e['by_command_wall']:.2f} by the "
             f"whole command's wall time, {e['by_cpu_seconds']:.2f} by CPU seconds (forwards "
             f"alone / tilewise's whole process tree)"
         )
