@@ -216,24 +216,20 @@ class Sampler:
                 }
             )
             self.max_per_name[name] = max(self.max_per_name.get(name, 0), pss)
-            entry = self.seen.setdefault(
-                proc.pid,
-                {
+            entry = self.seen.get(proc.pid)
+            if entry is None:
+                # CPU a process had spent before the run (a Ray head's daemons, started
+                # earlier) is not the run's: counted from its first sample on
+                before = proc.create_time() + 1.0 < self.run_started
+                entry = self.seen[proc.pid] = {
                     "names": [],
                     "ppid": ppid,
                     "in_tree": in_tree,
                     "max_rss_mb": 0.0,
                     "max_pss_mb": 0.0,
                     "cpu_s": 0.0,
-                    # CPU a process had spent before the run (a Ray head's daemons, started
-                    # earlier) is not the run's: counted from the first sample on
-                    "cpu_before_s": (
-                        round(times.user + times.system, 2)
-                        if proc.create_time() + 1.0 < self.run_started
-                        else 0.0
-                    ),
-                },
-            )
+                    "cpu_before_s": round(times.user + times.system, 2) if before else 0.0,
+                }
             # Ray workers rename themselves (ray::IDLE -> ray::Predictor...).
             if name != "?" and name not in entry["names"]:
                 entry["names"].append(name)

@@ -189,9 +189,7 @@ def main() -> int:
         def decodes() -> int:
             return harness.decodes()
 
-    from tilewise.workers.predictor import BAND_ROWS
-
-    order = prepared.grid.band_order(BAND_ROWS) if args.order == "bands" else list(range(units))
+    order = prepared.grid.band_order() if args.order == "bands" else list(range(units))
     # Warm-up: the first unit (opening the stores, the first forward's allocations).
     finish([start(order[0])])
     forwards(1)

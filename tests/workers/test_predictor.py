@@ -15,7 +15,7 @@ from tests.conftest import write_input
 from tilewise.pipeline.job import prepare
 from tilewise.pipeline.output import OutputStore
 from tilewise.spec import parse_job
-from tilewise.workers.predictor import BAND_ROWS, Predictor, resolve_precision
+from tilewise.workers.predictor import Predictor, resolve_precision
 
 
 def _job(tmp_path: Path, out: str, **compute: Any) -> Any:
@@ -129,7 +129,7 @@ def test_units_in_band_order_decode_each_input_chunk_at_most_twice(
         return read(y0, y1, x0, x1)
 
     image._read = counted  # type: ignore[method-assign]
-    units = p.grid.band_order(BAND_ROWS) if order == "bands" else list(range(len(p.grid)))
+    units = p.grid.band_order() if order == "bands" else list(range(len(p.grid)))
     for k in units:
         predictor.run_unit(0, k)
     assert len(decoded) == 5 * 12  # every chunk was read

@@ -21,7 +21,7 @@ from tilewise.errors import TilewiseError
 from tilewise.pipeline.job import PreparedJob, build_model, expand_images, prepare
 from tilewise.pipeline.output import OutputStore
 from tilewise.spec import ComputeSpec, PredictJob
-from tilewise.workers.predictor import BAND_ROWS, UnitResult
+from tilewise.workers.predictor import UnitResult
 
 __all__ = ["ActorLayout", "RunReport", "actor_layout", "run_job"]
 
@@ -414,7 +414,7 @@ def run_job(
         report = _report(j, p, out, skipped=len(done))
         # Handed out in bands (UnitGrid.band_order): an actor's next unit mostly shares the
         # input chunks it has just decoded.
-        remaining = [k for k in p.grid.band_order(BAND_ROWS) if k not in done]
+        remaining = [k for k in p.grid.band_order() if k not in done]
         images.append(_Image(p, out, report, background, remaining))
     todo = [(i, k, k in im.background) for i, im in enumerate(images) for k in im.todo]
     if shuffle is not None:

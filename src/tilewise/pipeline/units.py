@@ -7,7 +7,10 @@ from dataclasses import dataclass
 
 from tilewise.pipeline.engine import Unit
 
-__all__ = ["UnitGrid"]
+__all__ = ["BAND_ROWS", "UnitGrid"]
+
+# Unit rows per band of the order units are handed out in (UnitGrid.band_order).
+BAND_ROWS = 2
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class UnitGrid:
     def __iter__(self) -> Iterator[Unit]:
         return (self.unit(k) for k in range(len(self)))
 
-    def band_order(self, band: int = 2) -> list[int]:
+    def band_order(self, band: int = BAND_ROWS) -> list[int]:
         """Every unit index once, in bands of ``band`` unit rows, each band walked column by
         column (top to bottom within a column), alternate bands right to left.
 

@@ -38,15 +38,13 @@ from tilewise.pipeline.postprocess import (
     probabilities_tensor,
 )
 from tilewise.pipeline.pyramid import unit_levels
+from tilewise.pipeline.units import BAND_ROWS
 from tilewise.spec import PredictJob
 
 __all__ = ["Predictor", "UnitResult", "blocks_to_keep", "precision_name", "resolve_precision"]
 
 # Images whose stores and plans an actor keeps open at once (jobs over thousands of slides).
 OPEN_IMAGES = 4
-# Unit rows per band of the order units are handed out in (UnitGrid.band_order): neighbouring
-# units share input chunks through their halos, and the actor keeps the decoded ones.
-BAND_ROWS = 2
 # At most this many bytes of decoded input blocks kept per image (16 blocks, 48 MB, for 1024 px
 # RGB uint8 chunks; fewer for inputs of many bands or large chunks, which then decode more).
 KEPT_BYTES = 256 * 1024**2
