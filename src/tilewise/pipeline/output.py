@@ -154,7 +154,8 @@ class OutputStore:
         self._group: Any = None
         self._arrays: dict[str, Any] | None = None  # labels/probabilities, opened once
         self._dense: dict[str, Any] = {}  # the same arrays, storing chunks equal to the fill
-        self._files: dict[str, list[ChunkFiles | None]] = {}  # their direct writers
+        # Their direct whole-chunk writers (chunkfiles.py; None where only zarr may write).
+        self._files: dict[str, list[ChunkFiles | None]] = {}
 
     def _open(self, mode: Literal["r", "r+", "w"]) -> Any:
         return zarr.open_group(
@@ -341,7 +342,7 @@ class OutputStore:
                 n: [a.with_config({"write_empty_chunks": True}) for a in levels]
                 for n, levels in self._arrays.items()
             }
-            self._files = {}
+            self._files = {n: [ChunkFiles.of(a) for a in v] for n, v in self._dense.items()}
         return self._dense if dense else self._arrays
 
     def _levels(self, name: str, *, dense: bool = False) -> list[Any]:
@@ -413,7 +414,7 @@ class OutputStore:
                 raise ValueError(
                     f"{name}: {len(levels)} levels given, the output streams {len(arrays)}"
                 )
-            files = self._chunk_files(name) if dense else [None] * len(arrays)
+            files = self._files[name] if dense else [None] * len(arrays)
             for k, (array, data) in enumerate(zip(arrays, levels, strict=True)):
                 ys = slice(unit.y0 >> k, -(-unit.y1 // 2**k))
                 xs = slice(unit.x0 >> k, -(-unit.x1 // 2**k))
@@ -427,12 +428,6 @@ class OutputStore:
             # most of a 128 px level's write) is paid once per unit instead of once per array.
             sync(_set_all(writes))
         self._mark(unit.index)
-
-    def _chunk_files(self, name: str) -> list[ChunkFiles | None]:
-        """Direct whole-chunk writers of ``name``'s streamed levels (None: zarr writes it)."""
-        if name not in self._files:
-            self._files[name] = [ChunkFiles.of(a) for a in self._levels(name, dense=True)]
-        return self._files[name]
 
     def _done_dir(self) -> str:
         return f"{self.path}/.tilewise/done"
