@@ -73,6 +73,35 @@ def test_concurrent_calls_give_the_units_of_sequential_calls(tmp_path: Path) -> 
     assert np.array_equal(out["labels/0"][:][decided], labels[decided])
 
 
+def test_the_network_is_built_on_the_device_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every torch op of an actor runs on its one device thread: libgomp keeps an OpenMP team
+    # for each thread that ran parallel work, and a second team alive makes the device thread's
+    # team sleep at its barriers instead of spinning (Predictor._model).
+    import tilewise.workers.predictor as predictor_module
+
+    built_on: list[str] = []
+    build = predictor_module.build_model
+
+    def recording_build(*args: Any, **kwargs: Any) -> Any:
+        built_on.append(threading.current_thread().name)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "build_model", recording_build)
+    write_input(tmp_path / "in.zarr", shape=(3, 64, 128))
+    job = _job(tmp_path, "d.zarr")
+    _prepare_output(job)
+    predictor = Predictor([job.model_dump(mode="json")], threads=1, device="cpu")
+    callers = [threading.Thread(target=predictor.run_unit, args=(0, k)) for k in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert len(built_on) == 1 and built_on[0].startswith("tilewise-device"), built_on
+    assert sorted(OutputStore(str(tmp_path / "d.zarr")).done_units()) == [0, 1]
+
+
 def test_background_units_are_written_without_the_network(tmp_path: Path) -> None:
     write_input(tmp_path / "in.zarr", shape=(3, 64, 128))
     job = _job(tmp_path, "b.zarr")

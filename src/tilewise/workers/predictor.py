@@ -132,7 +132,13 @@ class Predictor:
     # -- per image state -------------------------------------------------------------------
     def _model(self, in_channels: int) -> nn.Module:
         if in_channels not in self._models:
-            model = build_model(self.specs[0], in_channels)
+            # Built on the device thread, like every other torch op of the actor. libgomp keeps
+            # an OpenMP team for each thread that has run parallel work (initialising and
+            # loading the weights is), and while a process has more team threads than cores it
+            # spins only ~100 times at a barrier before sleeping on a futex: built in a Ray call
+            # thread, the network left a second team alive and the device thread's team slept
+            # ~400 times a second for the actor's whole life, against almost never.
+            model = self._device.submit(build_model, self.specs[0], in_channels).result()
             if self.device.type == "cuda" and torch.cuda.device_count() > 1:
                 # gpus_per_worker >= 2: each batch is split over the actor's GPUs.
                 model = nn.DataParallel(model)
