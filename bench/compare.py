@@ -46,6 +46,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -1151,6 +1152,16 @@ def main(argv: list[str] | None = None) -> int:
                 runs["model-only"]["worker"]["compute_cpu_seconds"] / tw["cpu_s"], 3
             ),
         }
+        # Each repeat runs tilewise and then model-only back to back: their ratio per pair
+        # leaves out the machine's drift from one pair to the next (the fastest of each method,
+        # above, may come from different pairs).
+        pairs = [
+            round(m["own_s"] / t["own_s"], 3)
+            for t, m in zip(tw["runs"], runs["model-only"]["runs"], strict=False)
+            if t.get("own_s") and m.get("own_s")
+        ]
+        if len(pairs) > 1:
+            result["pipeline_efficiency"]["by_report_seconds_per_pair"] = pairs
         report = tw.get("report", {})
         n, first = report.get("units_computed", 0), report.get("first_unit_seconds", 0.0)
         if n > 1 and first and report.get("seconds", 0) > first:
@@ -1259,6 +1270,12 @@ def main(argv: list[str] | None = None) -> int:
             f"whole command's wall time, {e['by_cpu_seconds']:.2f} by CPU seconds (forwards "
             f"alone / tilewise's whole process tree)"
         )
+        if "by_report_seconds_per_pair" in e:
+            pairs = e["by_report_seconds_per_pair"]
+            print(
+                f"by report seconds in each pair of runs (tilewise, then model-only): "
+                f"{', '.join(f'{v:.2f}' for v in pairs)}; median {statistics.median(pairs):.2f}"
+            )
         if "steady_state" in e:
             print(
                 f"tilewise's first unit was written {e['first_unit_seconds']:.1f} s after the "
