@@ -89,6 +89,27 @@ def test_normaliser_is_applied(data: tuple[list[Shard], list[tuple]]) -> None:
     np.testing.assert_allclose(batch.image[1].numpy(), (raw - 100) / 50, rtol=1e-6)
 
 
+def test_the_reader_threads_run_no_torch_op_on_a_cpu_host(
+    data: tuple[list[Shard], list[tuple]],
+) -> None:
+    # A torch op on a whole batch in a reader thread gives it an OpenMP team, and a second
+    # team makes the training step's sleep at its barriers (PatchLoader's build): without
+    # pinned memory the normaliser runs on the thread that takes the batch.
+    shards, _ = data
+    ran_on: list[str] = []
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        ran_on.append(threading.current_thread().name)
+        return x.float() / 255
+
+    with PatchLoader(
+        UniformSampler(shards, PATCH, seed=0), batch_size=2, workers=2, normalize=normalize
+    ) as loader:
+        batches = [loader.next_batch() for _ in range(3)]
+    assert ran_on == [threading.current_thread().name] * 3
+    assert all(b.image.dtype == torch.float32 and b.image.max() <= 1 for b in batches)
+
+
 def test_threads_and_memory_do_not_change_the_batches(
     data: tuple[list[Shard], list[tuple]],
 ) -> None:

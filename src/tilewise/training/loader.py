@@ -164,9 +164,14 @@ class _Pipeline:
             labels.append(label)
             weights.append(weight)
         t2 = time.perf_counter()
-        x = self.normalize(torch.from_numpy(np.stack(images)))
-        if x.dtype != torch.float32:
-            x = x.to(torch.float32)
+        x = torch.from_numpy(np.stack(images))
+        if self.pin_memory:
+            x = self.to_input(x)
+        # Else the consumer normalises (next_batch): a torch op on a whole batch here would
+        # give this thread an OpenMP team of its own, and while a process holds more team
+        # threads than cores, libgomp's teams sleep at their barriers instead of spinning,
+        # the training step's among them. With pinned memory (a GPU) the step's work is on
+        # the device, and the batch is pinned ready here.
         y = torch.from_numpy(np.stack(labels).astype(np.int64, copy=False))
         w = None
         if self.with_weight:
@@ -182,6 +187,11 @@ class _Pipeline:
             self.augment_s += augment_s
             self.collate_s += collate_s
         return Batch(x, y, w), targets
+
+    def to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Stacked raw images -> the float32 network input."""
+        x = self.normalize(x)
+        return x if x.dtype == torch.float32 else x.to(torch.float32)
 
     def stop(self, timeout: float = 60.0) -> None:
         with self.cond:
@@ -345,7 +355,13 @@ class PatchLoader:
         self.patches = ready.patches
         self.targets = ready.targets
         self._batches += 1
-        return ready.batch
+        if pipe.pin_memory:
+            return ready.batch
+        t0 = time.perf_counter()
+        batch = ready.batch._replace(image=pipe.to_input(ready.batch.image))
+        with pipe.cond:
+            pipe.collate_s += time.perf_counter() - t0
+        return batch
 
     def __iter__(self) -> Iterator[Batch]:
         return self
