@@ -165,19 +165,17 @@ class _Pipeline:
             weights.append(weight)
         t2 = time.perf_counter()
         x = torch.from_numpy(np.stack(images))
-        if self.pin_memory:
-            x = self.to_input(x)
-        # Else the consumer normalises (next_batch): a torch op on a whole batch here would
-        # give this thread an OpenMP team of its own, and while a process holds more team
-        # threads than cores, libgomp's teams sleep at their barriers instead of spinning,
-        # the training step's among them. With pinned memory (a GPU) the step's work is on
-        # the device, and the batch is pinned ready here.
         y = torch.from_numpy(np.stack(labels).astype(np.int64, copy=False))
         w = None
         if self.with_weight:
             w = torch.from_numpy(np.stack(weights).astype(np.float32, copy=False))
+        # Without pinned memory the consumer normalises (next_batch): a torch op on a whole
+        # batch here would give this thread an OpenMP team of its own, and while a process
+        # holds more team threads than cores, libgomp's teams sleep at their barriers instead
+        # of spinning, the training step's among them. With pinned memory (a GPU) the step's
+        # work is on the device, and the batch is normalised and pinned ready here.
         if self.pin_memory:
-            x, y = x.pin_memory(), y.pin_memory()
+            x, y = self.to_input(x).pin_memory(), y.pin_memory()
             w = None if w is None else w.pin_memory()
         collate_s = time.perf_counter() - t2
         with self.cond:
