@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import platform
 from pathlib import Path
 from typing import Any
 
@@ -386,3 +387,38 @@ def test_an_embedded_clusters_actors_get_the_allocator_settings(tmp_path: Path) 
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["actor"] == ALLOCATOR_ENV
     assert seen["driver"] == {k: None for k in ALLOCATOR_ENV}
+
+
+HEAP_PROBE = """
+import ctypes, json
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.sbrk.restype = ctypes.c_void_p
+libc.sbrk.argtypes = [ctypes.c_ssize_t]
+blocks = [libc.malloc(600 << 20) for _ in range(2)]  # below the mmap threshold: on the heap
+grown = libc.sbrk(0)
+for b in reversed(blocks):
+    libc.free(ctypes.c_void_p(b))
+print(json.dumps({"ok": all(blocks), "grown": grown, "after": libc.sbrk(0)}))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc variables")
+def test_the_allocator_settings_keep_a_freed_heap_top_of_over_a_gib() -> None:
+    """Freeing 1.2 GB at the heap's top (a large network's activations between units) must not
+    give it back to the OS, or the next unit faults every page of it in again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tilewise.pipeline.driver import ALLOCATOR_ENV
+
+    env = {**os.environ, **ALLOCATOR_ENV}
+    done = subprocess.run(
+        [sys.executable, "-c", HEAP_PROBE], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["ok"], "could not allocate 2 x 600 MB"
+    assert seen["after"] == seen["grown"], "the freed heap top was trimmed"

@@ -32,9 +32,13 @@ __all__ = ["ActorLayout", "RunReport", "actor_layout", "run_job"]
 # skip concatenation) is still mmap-ed and unmapped per forward, which made the threaded actor
 # 2x slower than the same forwards on the main thread (bench/README.md). One arena sends every
 # thread to the main heap; the few threads of an actor barely contend for it.
+# The trim threshold is far above any heap (1 TiB): at 1 GiB, a network of 1.95 M weights (depth
+# 4, base width 16, 736 px windows) let the heap's free top pass 1 GiB every few units in some
+# runs, and glibc gave it back and faulted it in again: 1.1-14 M page faults and 63-77 s for an
+# 8,192² job, against 0.59 M and 61-62 s with trimming off (bench/README.md).
 ALLOCATOR_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "1073741824",
-    "MALLOC_TRIM_THRESHOLD_": "1073741824",
+    "MALLOC_TRIM_THRESHOLD_": "1099511627776",
     "MALLOC_ARENA_MAX": "1",
 }
 # A call waiting this much longer than a typical unit (and at least STALL_MIN_SECONDS) while
