@@ -62,6 +62,7 @@ import psutil
 from _memory import Sampler, breakdown, leftover_ray
 from large_mosaic import build_mosaic
 from tilewise.pipeline.driver import ALLOCATOR_ENV as DRIVER_ALLOCATOR_ENV
+from tilewise.spec import DEFAULT_BATCH_SIZE
 
 GB = 10**9
 METHODS = ("tilewise", "loop", "monai", "dask")
@@ -880,7 +881,12 @@ def main(argv: list[str] | None = None) -> int:
         "forwards in as many processes side by side, the same layout",
     )
     p.add_argument("--tile", type=int, default=512, help="output px per window (tilewise, loop)")
-    p.add_argument("--batch", type=int, default=4, help="windows per forward (tilewise, MONAI)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=DEFAULT_BATCH_SIZE["cpu"],
+        help="windows per forward (tilewise, MONAI); default: tilewise's on the CPU",
+    )
     p.add_argument("--chunk", type=int, default=1024, help="tilewise's output chunk (write unit)")
     p.add_argument(
         "--model-args",

@@ -199,7 +199,7 @@ output:
 
 
 def write_job(
-    workdir: Path, mosaic: Path, out: Path, size: int, batch_size: int, weights: Path | None
+    workdir: Path, mosaic: Path, out: Path, size: int, batch_size: int | None, weights: Path | None
 ) -> Path:
     job = workdir / "job.yaml"
     job.write_text(
@@ -208,7 +208,7 @@ def write_job(
             input=mosaic,
             output=out,
             tile=TILE,
-            batch_size=batch_size,
+            batch_size="null" if batch_size is None else batch_size,
             weights=f"  weights: {weights}\n  class_names: [background, dab]\n" if weights else "",
             **ARCH_ARGS,
         )
@@ -289,7 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--size", type=int, default=20000, help="mosaic side in pixels")
     p.add_argument("--workdir", default="/tmp/tw-bench", help="folder for mosaic, job, output")
-    p.add_argument("--batch-size", type=int, default=4, help="tiling.batch_size of the job")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="tiling.batch_size of the job; default: none given, so tilewise's (1 on the CPU)",
+    )
     p.add_argument(
         "--compressor",
         choices=["zstd", "blosc-lz4"],

@@ -44,6 +44,25 @@ def test_registered_unet_tiles_equal_whole_image_inference(
     assert np.abs(tiled - expected).max() < TOL
 
 
+@pytest.mark.parametrize(("batch_size", "expected"), [(None, {1}), (3, {3, 1})])
+def test_predict_array_forwards_one_window_at_a_time_on_the_cpu_by_default(
+    batch_size: int | None, expected: set[int]
+) -> None:
+    """On the CPU a batch runs no faster per window and holds every window's activations."""
+    model = _tiny("unet_same")
+    seen: list[int] = []
+    hook = model.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    try:
+        # 2 x 2 tiles of 32 px in one unit: 4 windows.
+        tiled = tilewise.predict_array(
+            model, _image(64, 64), tile=32, batch_size=batch_size, device="cpu"
+        )
+    finally:
+        hook.remove()
+    assert sum(seen) == 4 and set(seen) == expected
+    assert np.abs(tiled - whole_image(model, _image(64, 64), model.tiling)).max() < TOL
+
+
 @pytest.mark.parametrize("pools", [2, 3], ids=["stride4", "stride8"])
 def test_user_module_with_pooling_tiles_equal_whole_image_inference(pools: int) -> None:
     torch.manual_seed(1)

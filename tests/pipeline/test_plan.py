@@ -401,6 +401,37 @@ def test_cuda_layout_splits_host_and_gpu(tmp_path: Path, monkeypatch: pytest.Mon
     assert tight.fits is False and "does NOT fit" in tight.verdict
 
 
+@pytest.mark.parametrize(
+    ("given", "gpus", "expected"),
+    [(None, 0.0, 1), (None, 2.0, 4), (2, 0.0, 2), (2, 2.0, 2)],
+    ids=["default-cpu", "default-gpu", "given-cpu", "given-gpu"],
+)
+def test_batch_size_defaults_to_one_window_on_the_cpu_and_four_on_a_gpu(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    given: int | None,
+    gpus: float,
+    expected: int,
+) -> None:
+    write_input(tmp_path / "in.zarr", (3, 150, 190))
+    here = ClusterResources("this machine", True, 4.0, gpus, 64 * 1024**3, 80 * 1024**3)
+    monkeypatch.setattr(planmod, "_local_resources", lambda: here)
+    job = _job(tmp_path, tiling__batch_size=given)
+    im = plan_job(job).images[0]
+    assert im.batch_size == expected
+    assert job.tiling.windows_per_forward("cuda" if gpus else "cpu") == expected
+    # The activations are those of a batch of that many windows (the forward traced on its own).
+    cuda = gpus > 0
+    dtype = torch.bfloat16 if cuda else torch.float32
+    with torch.device("meta"):
+        model = planmod._meta_model(job, 3).to(dtype)
+    fwd = forward_memory(model, (expected, 3, 80, 80), dtype=dtype)
+    items = im.device if cuda else im.host
+    name = f"activations ({'bfloat16' if cuda else 'float32'})"
+    item = next(i for i in items if i.name == name)
+    assert item.bytes == fwd.peak - (0 if cuda else fwd.input)
+
+
 # -- resources -----------------------------------------------------------------------------------
 
 

@@ -114,6 +114,16 @@ def test_background_units_are_written_without_the_network(tmp_path: Path) -> Non
     assert sorted(OutputStore(str(tmp_path / "b.zarr")).done_units()) == [1]
 
 
+def test_a_job_without_batch_size_runs_one_window_per_forward_on_the_cpu(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr", shape=(3, 64, 64))
+    spec = _job(tmp_path, "c.zarr").model_dump(mode="json")
+    spec["tiling"]["batch_size"] = None
+    predictor = Predictor([spec], threads=1, device="cpu")
+    assert predictor._image(0).engine.batch_size == 1
+    spec["tiling"]["batch_size"] = 3
+    assert Predictor([spec], threads=1, device="cpu")._image(0).engine.batch_size == 3
+
+
 def test_precision_auto_is_float32_on_cpu() -> None:
     assert resolve_precision("auto", torch.device("cpu")) is None
     assert resolve_precision("float16", torch.device("cpu")) is torch.float16

@@ -17,6 +17,7 @@ from tilewise.models.registry import SizeRule, TilingFacts
 from tilewise.pipeline.engine import TileEngine, TilePlan
 from tilewise.pipeline.geometry import PadMode, Stitch
 from tilewise.pipeline.units import UnitGrid
+from tilewise.spec import DEFAULT_BATCH_SIZE
 
 __all__ = ["ArraySource", "default_device", "predict_array", "probe_size_rule"]
 
@@ -109,7 +110,7 @@ def predict_array(
     stitch: Stitch = "crop",
     pad_mode: PadMode = "reflect",
     pad_value: float = 0.0,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: torch.device | str | None = None,
     unit: int | None = None,
     step: int | None = None,
@@ -130,7 +131,7 @@ def predict_array(
             ``step`` pixels, probabilities averaged; no halo).
         pad_mode: border padding against the whole image: ``reflect`` (U-Net), ``symmetric``
             or ``constant`` (``pad_value``).
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass (default: 4 on CUDA, 1 on the CPU, as in jobs).
         device: where the network runs (default: CUDA when available).
         unit: side of the in-memory write units (default: the tile rounded up to >= 1024 px).
         step: sliding-window step (default 2/3 of the tile); ``stitch="sliding"`` only.
@@ -177,6 +178,8 @@ def predict_array(
             step=step,
             flip=flip,
         )
+        if batch_size is None:
+            batch_size = DEFAULT_BATCH_SIZE["cuda" if dev.type == "cuda" else "cpu"]
         engine = TileEngine(model, plan, batch_size=batch_size, device=dev)
         side = unit or plan.y.tile * max(1, -(-1024 // plan.y.tile))
         grid = UnitGrid(height, width, side)

@@ -735,6 +735,7 @@ class _Setting:
     device: str
     precision: str
     prefetch: int
+    batch: int  # windows per forward, the job's or the device's default
 
 
 _forward_cache: dict[tuple[Any, ...], ForwardMemory] = {}
@@ -772,7 +773,7 @@ def _memory(
     wy, wx = im.window
     cuda = setting.device == "cuda"
     dtype = _DTYPES[setting.precision]
-    batch = max(1, min(job.tiling.batch_size, im.windows_max))
+    batch = max(1, min(setting.batch, im.windows_max))
     until_outputs, per_batch = ("normalise", "batches"), ("batches",)
     from_batches, after = ("batches", "outputs"), ("outputs",)
 
@@ -856,7 +857,7 @@ def _plan_image(
         windows_todo += wy_n[i] * wx_n[j]
         computed += py_n[i] * px_n[j]
         output += ey_n[i] * ex_n[j]
-    batch = job.tiling.batch_size
+    batch = setting.batch
     few = sum(1 for ny in wy_n for nx in wx_n if ny * nx < batch)
     if p.in_channels not in models_cache:
         models_cache[p.in_channels] = _meta_model(job, p.in_channels)
@@ -877,7 +878,7 @@ def _plan_image(
         stitch=plan.stitch,
         window=(plan.y.window, plan.x.window),
         step=step,
-        batch_size=job.tiling.batch_size,
+        batch_size=setting.batch,
         unit_side=grid.side,
         unit_max=(max(ey_n), max(ex_n)),
         read_max=(max(ry_n), max(rx_n)),
@@ -930,6 +931,7 @@ def plan_job(job: PredictJob, *, address: str | None = None, workers: int | None
         layout.device,
         precision_name(job.compute.precision, layout.device, resources.bf16),
         job.compute.prefetch,
+        job.tiling.windows_per_forward(layout.device),
     )
     models_cache: dict[int, nn.Module] = {}
     images = [_plan_image(single, setting, models_cache) for single in singles]
@@ -955,9 +957,9 @@ def plan_job(job: PredictJob, *, address: str | None = None, workers: int | None
 
 def _warnings(plan: Plan, job: PredictJob) -> list[str]:
     out: list[str] = []
-    batch = job.tiling.batch_size
     for im in plan.images:
         who = f"{im.name}: " if len(plan.images) > 1 else ""
+        batch = im.batch_size
         if im.windows_max < batch:
             out.append(
                 f"{who}units hold at most {im.windows_max} windows but batches take {batch}: "

@@ -158,7 +158,7 @@ class Predictor:
             engine = TileEngine(
                 self._model(prepared.in_channels),
                 prepared.plan,
-                batch_size=spec.tiling.batch_size,
+                batch_size=spec.tiling.windows_per_forward(self.device.type),
                 device=self.device,
                 preprocess=prepared.normalizer,
                 precision=self.precision,
