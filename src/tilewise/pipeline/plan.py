@@ -569,7 +569,8 @@ class Plan:
             out.append(
                 "  note     tensors only: CPU convolution kernels allocate workspaces of their own "
                 "and the allocator keeps freed memory, so measured peaks run higher (the "
-                "4096^2 bench actor, U-Net depth 3: 1.69 GB RSS where 0.70 GB was planned)"
+                "4096^2 bench actor, U-Net depth 3, batch 4: 1.69 GB RSS where 0.70 GB was "
+                "planned)"
             )
         if m.device:
             out.append(f"memory per actor, GPU{which}")
