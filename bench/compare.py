@@ -3,6 +3,7 @@
     python bench/compare.py --size 4096 --workdir /tmp/tw-compare
     python bench/compare.py --size 2048 --methods tilewise,loop --scaling
     python bench/compare.py --size 16384 --methods tilewise,monai      # long on 2 cores
+    python bench/compare.py --size 16384 --device cuda                 # on a GPU: bf16 AMP
 
 Every method runs in its own subprocess, so its peak memory is its own and its allocator
 environment is set before it starts (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised
@@ -29,6 +30,13 @@ compared with whole-image inference: the whole image mirror-padded (numpy 'refle
 context, one forward pass, cropped; computed directly in a subprocess. Where that does not fit in
 memory, two 1024-px blocks (the top-left corner and the centre) are computed the same way from the
 block plus its context, which equals whole-image inference there.
+
+With ``--device cuda`` every method runs its forwards on the GPU, under the same autocast
+(``--precision``; 'auto' is tilewise's rule: bfloat16 on CUDA) and with tilewise's batch for the
+device (4 windows); model-only's random data is on the GPU already; MONAI stitches on the GPU
+(``sw_device`` and ``device``); the reference stays a float32 forward on the CPU, so the
+accuracy columns then show what the reduced precision costs. Each worker reports torch's peak
+GPU allocation. (Written before a GPU was available to run it: the CPU path is the measured one.)
 
 Memory is the peak of RSS and PSS summed over the method's process and all its descendants (Ray's
 processes for tilewise), sampled every 0.2 s (bench/_memory.py), up to the moment the method has
@@ -124,6 +132,41 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def device_of(cfg: dict[str, Any]) -> Any:
+    """The torch device every method runs its forwards on (``--device``)."""
+    import torch
+
+    return torch.device(cfg.get("device", "cpu"))
+
+
+def autocast(cfg: dict[str, Any]) -> Any:
+    """The forwards' precision (``--precision``, resolved as tilewise's 'auto' is): float32 runs
+    as it is; bfloat16/float16 under CUDA autocast, the AMP every method would use on a GPU."""
+    import torch
+
+    name = cfg.get("precision", "float32")
+    if name == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=getattr(torch, name))
+
+
+def synchronize(cfg: dict[str, Any]) -> None:
+    """Wait for the GPU's queued kernels, so a clock read after this counts them."""
+    import torch
+
+    if device_of(cfg).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gpu_peak(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The worker's peak GPU memory allocated by torch (none on the CPU)."""
+    import torch
+
+    if device_of(cfg).type != "cuda":
+        return {}
+    return {"gpu_peak_allocated_bytes": torch.cuda.max_memory_allocated()}
+
+
 def scale_of(dtype: np.dtype) -> np.float32:
     """What tilewise's 'auto' normalisation multiplies raw pixels by (x * scale, in float32)."""
     return np.float32(1 / 255 if dtype == np.uint8 else 1 / 65535 if dtype == np.uint16 else 1)
@@ -164,7 +207,8 @@ def worker_loop(cfg: dict[str, Any]) -> dict[str, Any]:
     import zarr
 
     set_threads(cfg["threads"])
-    model = load_model(cfg)
+    dev = device_of(cfg)
+    model = load_model(cfg).to(dev)
     t0, c0 = time.perf_counter(), time.process_time()
     arr = zarr.open_array(store=cfg["mosaic"], mode="r")
     scale = scale_of(arr.dtype)
@@ -179,10 +223,11 @@ def worker_loop(cfg: dict[str, Any]) -> dict[str, Any]:
             block = read_with_reflect(arr, ty - ctx, ty + th + ctx, tx - ctx, tx + tw + ctx)
             x = torch.from_numpy(block.astype(np.float32) * scale)[None]
             with torch.inference_mode():
-                scores = model(x)[0, :, ctx : ctx + th, ctx : ctx + tw]
-                labels[ty : ty + th, tx : tx + tw] = scores.argmax(0).to(torch.uint8).numpy()
+                with autocast(cfg):
+                    scores = model(x.to(dev))[0, :, ctx : ctx + th, ctx : ctx + tw].float()
+                labels[ty : ty + th, tx : tx + tw] = scores.argmax(0).to(torch.uint8).cpu().numpy()
                 probs[:, ty : ty + th, tx : tx + tw] = (
-                    torch.softmax(scores, 0).to(torch.float16).numpy()
+                    torch.softmax(scores, 0).to(torch.float16).cpu().numpy()
                 )
             forwards += 1
             computed += x.shape[-2] * x.shape[-1]
@@ -197,6 +242,7 @@ def worker_loop(cfg: dict[str, Any]) -> dict[str, Any]:
         "computed_pixels": computed,
         "overlap": computed / (h * w),
         "context": ctx,
+        **gpu_peak(cfg),
     }
 
 
@@ -207,7 +253,8 @@ def worker_monai(cfg: dict[str, Any]) -> dict[str, Any]:
     from monai.inferers import sliding_window_inference
 
     set_threads(cfg["threads"])
-    model = load_model(cfg)
+    dev = device_of(cfg)
+    model = load_model(cfg).to(dev)
     t0, c0 = time.perf_counter(), time.process_time()
     arr = zarr.open_array(store=cfg["mosaic"], mode="r")
     img = np.asarray(arr[...])
@@ -215,15 +262,28 @@ def worker_monai(cfg: dict[str, Any]) -> dict[str, Any]:
     del img
     t_read = time.perf_counter() - t0
     roi = cfg["window"]
-    with torch.inference_mode():
+    # On a GPU: the image stays in host memory, the windows go to the GPU (sw_device), and the
+    # stitched output and count map stay there too (device), MONAI's fastest layout where they
+    # fit, as they do at 16,384² on an 80 GB GPU.
+    with torch.inference_mode(), autocast(cfg):
         out = sliding_window_inference(
-            x, (roi, roi), cfg["batch"], model, overlap=cfg["monai_overlap"], mode="gaussian"
+            x,
+            (roi, roi),
+            cfg["batch"],
+            model,
+            overlap=cfg["monai_overlap"],
+            mode="gaussian",
+            sw_device=dev,
+            device=dev,
         )
+    synchronize(cfg)
     t_swi = time.perf_counter() - t0 - t_read
     del x
     with torch.inference_mode():
-        labels = out[0].argmax(0).to(torch.uint8).numpy()
-        probs = torch.softmax(out[0], 0).to(torch.float16).numpy()
+        scores = out[0].float()
+        labels = scores.argmax(0).to(torch.uint8).cpu().numpy()
+        probs = torch.softmax(scores, 0).to(torch.float16).cpu().numpy()
+        del scores
     del out
     seconds = time.perf_counter() - t0
     cpu = time.process_time() - c0  # all threads of this process
@@ -235,6 +295,7 @@ def worker_monai(cfg: dict[str, Any]) -> dict[str, Any]:
         "read_seconds": t_read,
         "sliding_window_seconds": t_swi,
         "overlap_param": cfg["monai_overlap"],
+        **gpu_peak(cfg),
     }
 
 
@@ -247,7 +308,8 @@ def worker_dask(cfg: dict[str, Any]) -> dict[str, Any]:
     from zarr.codecs import ZstdCodec
 
     set_threads(cfg["threads"])
-    model = load_model(cfg)
+    dev = device_of(cfg)
+    model = load_model(cfg).to(dev)
     t0, c0 = time.perf_counter(), time.process_time()
     arr = zarr.open_array(store=cfg["mosaic"], mode="r")
     scale = scale_of(arr.dtype)
@@ -258,7 +320,9 @@ def worker_dask(cfg: dict[str, Any]) -> dict[str, Any]:
     def predict(block: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(block.astype(np.float32) * scale)[None]
         with torch.inference_mode():
-            p = torch.softmax(model(x)[0], 0).numpy()
+            with autocast(cfg):
+                scores = model(x.to(dev))[0].float()
+            p = torch.softmax(scores, 0).cpu().numpy()
         if block.size:  # not a zero-size probe, should dask make one
             calls.append(block.shape)
         return p
@@ -295,6 +359,7 @@ def worker_dask(cfg: dict[str, Any]) -> dict[str, Any]:
         "overlap": computed / (h * w),
         "context": ctx,
         "dask_workers": cfg["dask_workers"],
+        **gpu_peak(cfg),
     }
 
 
@@ -303,19 +368,23 @@ def _model_only_part(cfg: dict[str, Any], part: int, ready: Any, go: Any) -> tup
     import torch
 
     set_threads(cfg["threads"])
-    model = load_model(cfg)
+    dev = device_of(cfg)
+    model = load_model(cfg).to(dev)
     win = cfg["window"]
     batches = cfg["batches"][part :: cfg["workers"]]
     gen = torch.Generator().manual_seed(part)
-    data = {b: torch.rand(b, CHANNELS, win, win, generator=gen) for b in set(batches)}
-    with torch.inference_mode():
+    # On a GPU the data is there already: the ceiling has no host-to-device copies.
+    data = {b: torch.rand(b, CHANNELS, win, win, generator=gen).to(dev) for b in set(batches)}
+    with torch.inference_mode(), autocast(cfg):
         model(data[batches[0]])  # warm-up, not timed (so the ceiling is steady-state)
+        synchronize(cfg)
         if ready is not None:
             ready.wait()  # every process warmed up: start together
             go.wait()
         t0, c0 = time.perf_counter(), time.process_time()
         for b in batches:
             model(data[b])
+        synchronize(cfg)
         return time.perf_counter() - t0, time.process_time() - c0  # all threads of the process
 
 
@@ -437,7 +506,9 @@ output:
 compute:
   cpus_per_worker: {threads}
   workers: {workers}
-"""
+  device: {device}
+  precision: {precision}
+{gpu_sharing}"""
 
 
 def write_job(
@@ -459,6 +530,14 @@ def write_job(
             chunk=args.chunk,
             threads=args.threads,
             workers=args.workers,
+            device=args.device,
+            precision=args.precision,
+            # Several actors on one GPU share it, as model-only's processes do.
+            gpu_sharing=(
+                f"  actors_per_gpu: {args.workers}\n"
+                if args.device == "cuda" and args.workers > 1
+                else ""
+            ),
         )
     )
     return job
@@ -884,8 +963,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--batch",
         type=int,
-        default=DEFAULT_BATCH_SIZE["cpu"],
-        help="windows per forward (tilewise, MONAI); default: tilewise's on the CPU",
+        default=None,
+        help="windows per forward (tilewise, MONAI); default: tilewise's for --device "
+        f"({DEFAULT_BATCH_SIZE['cpu']} on the CPU, {DEFAULT_BATCH_SIZE['cuda']} on CUDA)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where every method runs its forwards (the whole-image reference stays on the CPU "
+        "in float32)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="the forwards' precision for every method, as tilewise's compute.precision: auto "
+        "= bfloat16 autocast on CUDA (float16 where unsupported), float32 on the CPU",
     )
     p.add_argument("--chunk", type=int, default=1024, help="tilewise's output chunk (write unit)")
     p.add_argument(
@@ -949,6 +1043,26 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.repeat < 1:
         p.error(f"--repeat must be at least 1; got {args.repeat}")
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error(
+            "--device cuda needs a CUDA GPU, and torch sees none here "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False). Use --device cpu."
+        )
+    if args.device == "cpu" and args.precision in ("bfloat16", "float16"):
+        p.error(
+            f"--precision {args.precision} is CUDA autocast (AMP); on the CPU every method runs "
+            "float32. Use --precision auto or float32, or --device cuda."
+        )
+    if args.batch is None:
+        args.batch = DEFAULT_BATCH_SIZE[args.device]
+    if args.batch < 1:
+        p.error(f"--batch must be at least 1; got {args.batch}")
+    from tilewise.workers.predictor import precision_name
+
+    bf16 = args.device == "cuda" and torch.cuda.is_bf16_supported()
+    args.precision = precision_name(args.precision, args.device, bf16)
     if args.classes < 2:
         p.error(f"--classes must be at least 2 (class-1 probability); got {args.classes}")
     if not 1 <= args.threads <= (os.cpu_count() or 1):
@@ -984,6 +1098,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.batch} windows of {geom.window} px; {available / GB:.1f} GB available",
             flush=True,
         )
+        # With --device cuda the output and count map sit on the GPU: conservative for the host.
         if need > 0.85 * available:
             print(
                 f"error: MONAI's sliding_window_inference at {size} x {size} needs about "
@@ -1050,6 +1165,8 @@ def main(argv: list[str] | None = None) -> int:
         "monai_overlap": mon.get("overlap", 0.25),
         "dask_workers": args.dask_workers,
         "dask_out": str(work / "dask-out.zarr"),
+        "device": args.device,
+        "precision": args.precision,
     }
     ref_key = json.dumps([str(weights), size, regions, lead, halo, stride], sort_keys=True)
     ref_path = work / "reference.npz"
@@ -1067,6 +1184,8 @@ def main(argv: list[str] | None = None) -> int:
         "tile": args.tile,
         "batch": args.batch,
         "chunk": args.chunk,
+        "device": args.device,
+        "precision": args.precision,
         "model": {
             "arch": ARCH,
             "args": args.model_args,
@@ -1240,7 +1359,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{size} x {size} px ({mpx:.1f} Mpx), {ARCH} {args.model_args}, {args.classes} classes, "
         f"tile {args.tile}, window {window}, batch {args.batch}, {args.threads} torch threads"
         f"{f' x {args.workers} processes (tilewise, model-only)' if args.workers > 1 else ''}, "
-        f"{os.cpu_count()} CPUs; reference: {mode}; load average "
+        f"{os.cpu_count()} CPUs, forwards on {args.device} in {args.precision}; reference: "
+        f"{mode} (CPU, float32); load average "
         f"{result['load_average_at_start'][1]:.1f} at the start, {os.getloadavg()[1]:.1f} now "
         f"(5 min)"
     )
@@ -1294,6 +1414,17 @@ def main(argv: list[str] | None = None) -> int:
             f"MONAI overlap {mon['overlap']} -> overhead {mon['overhead']:.3f}x (tilewise "
             f"{plan['overlap']:.3f}x); memory estimate {mon['memory_estimate_bytes'] / GB:.2f} GB"
             + (f", measured peak PSS {measured / GB:.2f} GB" if measured else "")
+        )
+    gpu = {
+        n: r["worker"]["gpu_peak_allocated_bytes"]
+        for n, r in runs.items()
+        if r["ok"] and "gpu_peak_allocated_bytes" in r.get("worker", {})
+    }
+    if gpu:
+        print(
+            "GPU memory, torch's peak allocation in the method's process: "
+            + ", ".join(f"{n} {b / GB:.2f} GB" for n, b in gpu.items())
+            + " (tilewise's actors: not sampled)"
         )
     if "scaling" in result and "pss_ratio" in result["scaling"]:
         s = result["scaling"]
