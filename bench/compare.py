@@ -70,7 +70,7 @@ import psutil
 from _memory import Sampler, breakdown, leftover_ray
 from large_mosaic import build_mosaic
 from tilewise.pipeline.driver import ALLOCATOR_ENV as DRIVER_ALLOCATOR_ENV
-from tilewise.spec import DEFAULT_BATCH_SIZE
+from tilewise.spec import DEFAULT_BATCH_SIZE, resolve_batch_size
 
 GB = 10**9
 METHODS = ("tilewise", "loop", "monai", "dask")
@@ -1055,8 +1055,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--precision {args.precision} is CUDA autocast (AMP); on the CPU every method runs "
             "float32. Use --precision auto or float32, or --device cuda."
         )
-    if args.batch is None:
-        args.batch = DEFAULT_BATCH_SIZE[args.device]
+    args.batch = resolve_batch_size(args.batch, args.device)
     if args.batch < 1:
         p.error(f"--batch must be at least 1; got {args.batch}")
     from tilewise.workers.predictor import precision_name

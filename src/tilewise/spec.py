@@ -64,6 +64,7 @@ __all__ = [
     "json_schema",
     "load_job",
     "parse_job",
+    "resolve_batch_size",
     "resolve_location",
     "validate_files",
 ]
@@ -371,6 +372,13 @@ class ModelSpec(BaseModel):
 DEFAULT_BATCH_SIZE: dict[str, int] = {"cpu": 1, "cuda": 4}
 
 
+def resolve_batch_size(batch_size: int | None, device: str) -> int:
+    """``batch_size``, or the default for ``device`` (a torch device type) when it is None."""
+    if batch_size is not None:
+        return batch_size
+    return DEFAULT_BATCH_SIZE["cuda" if device == "cuda" else "cpu"]
+
+
 class TilingSpec(BaseModel):
     """How the image is cut into model windows and stitched back."""
 
@@ -433,9 +441,7 @@ class TilingSpec(BaseModel):
 
     def windows_per_forward(self, device: str) -> int:
         """``batch_size``, or its default for ``device`` (``"cuda"`` or ``"cpu"``)."""
-        if self.batch_size is not None:
-            return self.batch_size
-        return DEFAULT_BATCH_SIZE["cuda" if device == "cuda" else "cpu"]
+        return resolve_batch_size(self.batch_size, device)
 
 
 class InstancesSpec(BaseModel):

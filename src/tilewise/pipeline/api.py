@@ -17,7 +17,7 @@ from tilewise.models.registry import SizeRule, TilingFacts
 from tilewise.pipeline.engine import TileEngine, TilePlan
 from tilewise.pipeline.geometry import PadMode, Stitch
 from tilewise.pipeline.units import UnitGrid
-from tilewise.spec import DEFAULT_BATCH_SIZE
+from tilewise.spec import resolve_batch_size
 
 __all__ = ["ArraySource", "default_device", "predict_array", "probe_size_rule"]
 
@@ -178,9 +178,8 @@ def predict_array(
             step=step,
             flip=flip,
         )
-        if batch_size is None:
-            batch_size = DEFAULT_BATCH_SIZE["cuda" if dev.type == "cuda" else "cpu"]
-        engine = TileEngine(model, plan, batch_size=batch_size, device=dev)
+        batch = resolve_batch_size(batch_size, dev.type)
+        engine = TileEngine(model, plan, batch_size=batch, device=dev)
         side = unit or plan.y.tile * max(1, -(-1024 // plan.y.tile))
         grid = UnitGrid(height, width, side)
         result: np.ndarray | None = None

@@ -951,12 +951,12 @@ def plan_job(job: PredictJob, *, address: str | None = None, workers: int | None
         fits=None,
         verdict="",
     )
-    plan.warnings = _warnings(plan, job)
+    plan.warnings = _warnings(plan)
     plan.fits, plan.verdict = _verdict(plan)
     return plan
 
 
-def _warnings(plan: Plan, job: PredictJob) -> list[str]:
+def _warnings(plan: Plan) -> list[str]:
     out: list[str] = []
     for im in plan.images:
         who = f"{im.name}: " if len(plan.images) > 1 else ""
