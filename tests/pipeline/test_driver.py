@@ -336,6 +336,14 @@ def test_a_nodata_mask_skips_empty_units_and_blanks_nodata_pixels(tmp_path: Path
     assert np.array_equal(labels[valid & decided], expected.argmax(0)[valid & decided])
 
 
+def test_a_nodata_mask_without_a_value_is_refused_before_any_output(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr")  # no nodata attribute, and the job gives none
+    job = _job(tmp_path, input__mask={"method": "nodata"})
+    with pytest.raises(InputError, match=r"needs the no-data value.*set input\.mask\.nodata"):
+        run_job(job, progress=False)
+    assert not (tmp_path / "out.zarr").exists()
+
+
 def test_a_chunk_write_cut_short_leaves_no_temporary_file_behind(tmp_path: Path) -> None:
     write_input(tmp_path / "in.zarr")
     job = _job(tmp_path)

@@ -19,6 +19,7 @@ import zarr
 from torch import nn
 
 from tests.conftest import write_input
+from tilewise.errors import InputError
 from tilewise.pipeline import plan as planmod
 from tilewise.pipeline.engine import TileEngine
 from tilewise.pipeline.job import prepare
@@ -302,6 +303,15 @@ def test_mask_background_units_are_not_counted_as_computed(tmp_path: Path) -> No
     assert (im.units_background, im.units_to_compute) == (8, 1)
     assert im.output_pixels == 64 * 64
     assert im.windows_to_compute == 4
+
+
+def test_a_nodata_mask_names_its_value_or_is_refused_without_one(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr", (3, 150, 190))
+    job = _job(tmp_path, input__mask={"method": "nodata"})
+    with pytest.raises(InputError, match=r"needs the no-data value.*set input\.mask\.nodata"):
+        plan_job(job)
+    zarr.open_array(tmp_path / "in.zarr", mode="r+").attrs["nodata"] = -9999
+    assert plan_job(job).images[0].mask.startswith("nodata (-9999)")
 
 
 # -- memory --------------------------------------------------------------------------------------

@@ -493,8 +493,14 @@ def background_units(
 ) -> tuple[set[int], Foreground | None]:
     """Units of ``grid`` that the mask leaves without foreground, and the mask itself.
 
-    ``nodata`` masks give no units here (the actors decide per unit) and no mask.
+    ``nodata`` masks give no units here (the actors decide per unit) and no mask, but their
+    no-data value must be known (:func:`resolve_nodata` raises :class:`InputError` otherwise).
     """
+    if spec.method == "nodata":
+        # The actors decide per unit, but a missing no-data value is refused here, before any
+        # output exists, rather than by the first actor after the outputs were created.
+        resolve_nodata(image, spec)
+        return set(), None
     fg = plan_foreground(image, spec, storage_options=storage_options)
     if fg is None:
         return set(), None

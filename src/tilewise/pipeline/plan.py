@@ -717,9 +717,11 @@ def _background(prepared: Any) -> tuple[set[int], str]:
     mask = prepared.job.input.mask
     if mask is None:
         return set(), ""
+    from tilewise.pipeline.masks import background_units, resolve_nodata
+
     if mask.method == "nodata":
-        return set(), "nodata: decided per unit by the actors (not counted here)"
-    from tilewise.pipeline.masks import background_units
+        value = resolve_nodata(prepared.image, mask)  # a missing value is refused in the plan too
+        return set(), f"nodata ({value:g}): decided per unit by the actors (not counted here)"
 
     background, fg = background_units(
         prepared.image, prepared.grid, mask, storage_options=prepared.job.input.storage_options
