@@ -1,4 +1,5 @@
-"""A real `tilewise run` killed mid-way, then run again (DESIGN.md rule 6)."""
+"""A real `tilewise run` killed mid-way, then run again (DESIGN.md rule 6), and one stopped by a
+damaged input."""
 
 from __future__ import annotations
 
@@ -72,3 +73,29 @@ def test_killed_run_resumes_with_only_the_remaining_units_and_identical_bytes(
     assert clean.returncode == 0, err
     assert json.loads(out.strip().splitlines()[-1])["units_computed"] == total
     assert _digest(tmp_path / "killed.zarr") == _digest(tmp_path / "clean.zarr")
+
+
+def test_a_damaged_input_stops_the_run_with_one_error_line_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "in").mkdir()
+    # b's one unit goes out after a's 4 and before c's: the other actor is computing when the
+    # first actor's error ends the run (units of 256 px).
+    for name, size in (("a", 512), ("b", 64), ("c", 512)):
+        write_input(tmp_path / "in" / f"{name}.zarr", shape=(3, size, size), seed=size)
+    (tmp_path / "in/b.zarr/c/0/0/0").write_bytes(bytes(range(256)) * 20)
+    job = (
+        (JOB % '"out/{stem}.zarr"')
+        .replace("in.zarr", "in/*.zarr")
+        .replace("workers: 1", "workers: 2")
+        .replace("chunk: 64", "chunk: 256")
+    )
+    (tmp_path / "job.yaml").write_text(job)
+    run = _tilewise("run", "job.yaml", "--no-progress", cwd=tmp_path)
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 2, err
+    # One line: no traceback, and nothing on stdout (Ray printed "... will be retried" there for
+    # each of the other actor's calls in flight when the actors were stopped).
+    assert out == "", out
+    assert err.splitlines() == [err.strip()] and err.startswith("error: input '"), err
+    assert "b.zarr" in err and "damaged" in err and "running the job again resumes" in err

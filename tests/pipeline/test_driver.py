@@ -344,6 +344,37 @@ def test_a_nodata_mask_without_a_value_is_refused_before_any_output(tmp_path: Pa
     assert not (tmp_path / "out.zarr").exists()
 
 
+def test_a_damaged_input_chunk_stops_the_run_with_one_clear_error_and_a_rerun_finishes(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "in").mkdir()
+    write_input(tmp_path / "in" / "a.zarr", shape=(3, 64, 64), seed=1)  # one unit, damaged
+    write_input(tmp_path / "in" / "b.zarr", shape=(3, 512, 512), seed=2)  # 64 units
+    chunk = tmp_path / "in" / "a.zarr" / "c" / "0" / "0" / "0"
+    good = chunk.read_bytes()
+    chunk.write_bytes(bytes(range(256)) * 20)
+    job = _job(
+        tmp_path,
+        input__path=str(tmp_path / "in" / "*.zarr"),
+        output__path=str(tmp_path / "out" / "{stem}.zarr"),
+    )
+    with pytest.raises(
+        InputError, match=r"a\.zarr.*rows 0\.\.64, columns 0\.\.64: a chunk .*damag"
+    ):
+        run_job(job, workers=2, progress=False)
+    outputs = [zarr.open_group(tmp_path / "out" / f"{n}.zarr", mode="r") for n in "ab"]
+    assert [g.attrs["tilewise"]["status"] for g in outputs] == ["running", "running"]
+    chunk.write_bytes(good)
+    report = run_job(job, progress=False)
+    assert report.units_computed + report.units_skipped == report.units_total == 65
+    for name in "ab":
+        expected, decided = _expected(tmp_path / "in" / f"{name}.zarr")
+        out = zarr.open_group(tmp_path / "out" / f"{name}.zarr", mode="r")
+        assert np.abs(out["probabilities/0"][:].astype(np.float32) - expected).max() < 2e-3
+        assert np.array_equal(out["labels/0"][:][decided], expected.argmax(0)[decided])
+        assert out.attrs["tilewise"]["status"] == "complete"
+
+
 def test_a_chunk_write_cut_short_leaves_no_temporary_file_behind(tmp_path: Path) -> None:
     write_input(tmp_path / "in.zarr")
     job = _job(tmp_path)

@@ -98,3 +98,24 @@ def test_kept_blocks_read_the_same_pixels_as_plain_reads(
         assert got.dtype == data.dtype
         assert np.array_equal(got, plain.read(y0, y1 + 1, x0, x1 + 1))
     assert len(kept._blocks) <= 3
+
+
+@pytest.mark.parametrize("compressor", ["zstd", "blosc"])
+def test_a_damaged_chunk_is_an_input_error_that_names_where(
+    tmp_path: Path, compressor: str
+) -> None:
+    data = np.random.default_rng(4).integers(0, 255, (3, 128, 128)).astype(np.uint8)
+    codec = zarr.codecs.ZstdCodec() if compressor == "zstd" else zarr.codecs.BloscCodec()
+    zarr.create_array(
+        tmp_path / "in.zarr",
+        data=data,
+        chunks=(3, 64, 64),
+        compressors=codec,
+        dimension_names=("c", "y", "x"),
+    )
+    chunk = tmp_path / "in.zarr" / "c" / "0" / "1" / "1"
+    chunk.write_bytes(np.random.default_rng(5).integers(0, 255, 5000, np.uint8).tobytes())
+    image = InputImage(str(tmp_path / "in.zarr"))
+    assert np.array_equal(image.read(0, 64, 0, 128), data[:, :64])  # the other chunks read
+    with pytest.raises(InputError, match=r"in\.zarr.*rows 32\.\.96, columns 60\.\.100.*damaged"):
+        image.read(32, 96, 60, 100)

@@ -360,6 +360,10 @@ def _run_units(
                 on_done(result)
             submit(a)
     finally:
+        # Calls still in flight are cancelled first: a killed actor's calls would otherwise be
+        # reported as "will be retried" (max_task_retries=-1) on the user's terminal.
+        for ref in pending:
+            ray.cancel(ref)
         for actor in actors:
             ray.kill(actor)
 

@@ -295,11 +295,22 @@ class InputImage:
         return read_blocked((self.shape[0],), self.dtype, (y0, y1, x0, x1), (ch, cw), block)
 
     def _read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        if self.axes == "cyx":
-            return np.asarray(self.array[:, y0:y1, x0:x1])
-        if self.axes == "yxc":
-            return np.moveaxis(np.asarray(self.array[y0:y1, x0:x1, :]), -1, 0)
-        return np.asarray(self.array[y0:y1, x0:x1])[None]
+        try:
+            if self.axes == "cyx":
+                return np.asarray(self.array[:, y0:y1, x0:x1])
+            if self.axes == "yxc":
+                return np.moveaxis(np.asarray(self.array[y0:y1, x0:x1, :]), -1, 0)
+            return np.asarray(self.array[y0:y1, x0:x1])[None]
+        except (RuntimeError, ValueError, TypeError) as exc:
+            # What the codecs raise for chunk bytes they cannot decode (blosc's "error during
+            # blosc decompression", zstd's, a decoded size that does not fit the chunk): the
+            # input is damaged, which no retry mends. I/O errors (OSError) propagate as they are.
+            raise InputError(
+                f"input '{self.location}' (array '{self.array.path or '/'}') cannot be read at "
+                f"rows {y0}..{y1}, columns {x0}..{x1}: a chunk there is damaged "
+                f"({type(exc).__name__}: {exc}). Copy or ingest the input again; finished "
+                f"units are kept, so running the job again resumes."
+            ) from exc
 
     def carried_attributes(self) -> dict[str, Any]:
         """Metadata an output carries over: geospatial (``proj:``/``spatial:``) and provenance."""
