@@ -74,6 +74,7 @@ def test_run_equals_whole_image_inference(tmp_path: Path) -> None:
     assert np.array_equal(labels[decided], expected_p.argmax(0)[decided])
     assert out.attrs["tilewise"]["status"] == "complete"
     assert report.units_computed == report.units_total == 3 * 3
+    assert report.lines()[1] == "  input    3 x 150 x 190 (bands x height x width)"
 
 
 def test_every_pixel_is_owned_by_exactly_one_unit_and_units_are_whole_shards(
@@ -233,6 +234,14 @@ def test_a_job_over_a_glob_of_images_writes_one_output_per_image(tmp_path: Path)
     )
     report = run_job(job, workers=2, progress=False)
     assert [r["name"] for r in report.images] == ["t/a", "t/b", "t/c"]
+    # The report's input line counts the images; each image's line follows.
+    lines = report.lines()
+    assert lines[1] == "  input    3 images"
+    assert [line.split(":")[0] for line in lines if line.startswith("  image")] == [
+        "  image    t/a",
+        "  image    t/b",
+        "  image    t/c",
+    ]
     assert report.units_total == sum(r["units_total"] for r in report.images)
     assert report.output_pixels == sum(h * w for _, h, w in shapes.values())
     for name in shapes:

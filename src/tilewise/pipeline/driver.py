@@ -101,10 +101,14 @@ class RunReport:
 
     def lines(self) -> list[str]:
         """The one-screen report."""
-        c, h, w = [*self.input_shape, 0, 0, 0][:3]
+        if self.input_shape:
+            c, h, w = [*self.input_shape, 0, 0, 0][:3]
+            source = f"{c} x {h} x {w} (bands x height x width)"
+        else:  # a job over several images: each has its line below
+            source = f"{len(self.images)} images"
         return [
             f"tilewise run '{self.name}': {self.status}",
-            f"  input    {c} x {h} x {w} (bands x height x width)",
+            f"  input    {source}",
             f"  model    {self.arch}: tile {self.tile}, halo {self.halo}, stitch {self.stitch}",
             f"  units    {self.units_computed} computed, {self.units_background} background "
             f"(no foreground), {self.units_skipped} skipped (already done), {self.units_total} "
