@@ -84,6 +84,7 @@ def _kill_session(leader: subprocess.Popen[bytes]) -> None:
 @dataclass
 class Head:
     url: str
+    gcs: str  # what `tilewise run --address` joins
     token: str
     env: dict[str, str]  # the environment of a user who may submit: token mode and the token
 
@@ -136,7 +137,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
                     f"the Ray head did not start:\n{(temp / 'head.log').read_text()}"
                 )
             time.sleep(0.3)
-        yield Head(url=url, token=token, env=env)
+        yield Head(url=url, gcs=f"127.0.0.1:{port}", token=token, env=env)
     finally:
         _kill_session(leader)
         log.close()
@@ -439,6 +440,29 @@ def test_submitting_without_token_mode_is_one_clear_error(
     assert main(["submit", str(job), "--address", head.url, "--submission-id", sid]) == 2
     _auth_error(capsys.readouterr().err, "RAY_AUTH_MODE is 'disabled' here")
     assert sid not in _ids(head)
+
+
+def test_run_joins_the_gcs_with_the_token_and_refuses_without_it_in_one_line(
+    head: Head, data: Path, tmp_path: Path
+) -> None:
+    # `tilewise run --address HEAD:PORT` (the plan joins and reads the cluster, runs nothing).
+    (tmp_path / "in.zarr").symlink_to(data / "in.zarr")
+    _write_job(tmp_path)
+    argv = _tilewise_cmd("run", "--plan", "job.yaml", "--address", head.gcs)
+    joined = _run(argv, cwd=tmp_path, env=head.env)
+    assert joined.returncode == 0, _output(joined)
+    assert f"cluster  {head.gcs}: 2 CPUs" in joined.stdout
+    # Without token mode, ray.init would retry 20 times (a C++ warning a second) and end in a
+    # traceback; the handshake before it refuses at once.
+    off = {**head.env, "RAY_AUTH_MODE": "disabled"}
+    refused = _run(argv, cwd=tmp_path, env=off)
+    assert refused.returncode == 2, _output(refused)
+    assert refused.stderr.splitlines() == [refused.stderr.strip()], refused.stderr
+    _auth_error(refused.stderr, "RAY_AUTH_MODE is 'disabled' here")
+    assert head.gcs in refused.stderr
+    wrong = _run(argv, cwd=tmp_path, env={**head.env, "RAY_AUTH_TOKEN": "0" * 32})
+    assert wrong.returncode == 2, _output(wrong)
+    _auth_error(wrong.stderr, "is not the cluster's token")
 
 
 def test_bad_spec_is_rejected_before_submission(

@@ -295,12 +295,8 @@ def _is_this_machine(address: str) -> bool:
 def _auth_message(address: str, detail: str) -> str:
     mode = os.environ.get("RAY_AUTH_MODE", "")
     first = detail.strip().splitlines()[0] if detail.strip() else "refused"
-    if "invalid" in detail.lower() or "forbidden" in detail.lower():
-        why = (
-            "the token sent is not the cluster's token. Set RAY_AUTH_TOKEN to the output of "
-            "`ray get-auth-token` on the head (or copy it to ~/.ray/auth_token)"
-        )
-    elif mode.lower() != "token":
+    # The mode first: a GCS names the refusal "InvalidAuthToken" when no token came at all.
+    if mode.lower() != "token":
         given = f"'{mode}'" if mode else "unset"
         hint = (
             " (RAY_AUTH_TOKEN is set, but it is only sent in token mode)"
@@ -311,6 +307,11 @@ def _auth_message(address: str, detail: str) -> str:
             f"RAY_AUTH_MODE is {given} here{hint}, so no token was sent. Set RAY_AUTH_MODE=token "
             "and the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` "
             "on the head prints it)"
+        )
+    elif "invalid" in detail.lower() or "forbidden" in detail.lower():
+        why = (
+            "the token sent is not the cluster's token. Set RAY_AUTH_TOKEN to the output of "
+            "`ray get-auth-token` on the head (or copy it to ~/.ray/auth_token)"
         )
     else:
         why = (

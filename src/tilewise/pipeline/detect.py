@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -490,12 +489,13 @@ def plan_detection(
     The backbone's and FPN's tensor memory for the largest window is measured on the meta
     device; the RoI heads are estimated from ``max_detections`` proposals at their pooled sizes.
     """
+    from tilewise.pipeline.cluster import cluster_address
     from tilewise.pipeline.driver import actor_layout
     from tilewise.pipeline.plan import LiveTensorTracker, _cluster_resources, _local_resources
 
     singles = expand_images(job)
-    where = address or job.compute.address or os.environ.get("RAY_ADDRESS")
-    resources = _cluster_resources(where) if where else _local_resources()
+    joined, where = cluster_address(address, job.compute.address)
+    resources = _cluster_resources(joined, where) if joined else _local_resources()
     layout = actor_layout(job.compute, cpus=resources.cpus, gpus=resources.gpus, workers=workers)
     spec = job.output.instances
     assert spec is not None

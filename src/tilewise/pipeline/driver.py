@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tilewise.errors import TilewiseError
+from tilewise.pipeline.cluster import cluster_address, join
 from tilewise.pipeline.job import PreparedJob, build_model, expand_images, prepare
 from tilewise.pipeline.output import OutputStore
 from tilewise.spec import ComputeSpec, PredictJob
@@ -140,14 +141,9 @@ def _connect(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
+    address, where = cluster_address(address)
     if address:
-        ray.init(
-            address=address,
-            runtime_env={"env_vars": ALLOCATOR_ENV},
-            log_to_driver=False,
-            logging_level=logging.WARNING,
-        )
+        join(address, where, runtime_env={"env_vars": ALLOCATOR_ENV})
         return False
     # An embedded cluster's processes inherit the allocator settings instead: a job runtime_env
     # makes Ray start every actor through its runtime-env set-up (a new process after

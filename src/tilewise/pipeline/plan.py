@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from tilewise.pipeline.cluster import cluster_address
 from tilewise.pipeline.engine import TilePlan
 from tilewise.spec import PredictJob
 
@@ -327,14 +328,14 @@ def _local_resources() -> ClusterResources:
     )
 
 
-def _cluster_resources(address: str) -> ClusterResources:
-    import logging
-
+def _cluster_resources(address: str, where: str = "--address") -> ClusterResources:
     import ray
+
+    from tilewise.pipeline.cluster import join
 
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        join(address, where)
         started = True
     try:
         resources = ray.cluster_resources()
@@ -927,8 +928,8 @@ def plan_job(job: PredictJob, *, address: str | None = None, workers: int | None
     from tilewise.workers.predictor import precision_name
 
     singles = expand_images(job)
-    where = address or job.compute.address or os.environ.get("RAY_ADDRESS")
-    resources = _cluster_resources(where) if where else _local_resources()
+    joined, where = cluster_address(address, job.compute.address)
+    resources = _cluster_resources(joined, where) if joined else _local_resources()
     layout = actor_layout(job.compute, cpus=resources.cpus, gpus=resources.gpus, workers=workers)
     setting = _Setting(
         layout.device,
