@@ -314,6 +314,25 @@ def test_a_nodata_mask_names_its_value_or_is_refused_without_one(tmp_path: Path)
     assert plan_job(job).images[0].mask.startswith("nodata (-9999)")
 
 
+@pytest.mark.parametrize("tta", ["none", "flip"])
+def test_weights_that_do_not_fit_the_network_are_refused_by_the_plan(
+    tmp_path: Path, tta: str
+) -> None:
+    from tilewise import models
+    from tilewise.errors import ConfigError
+
+    write_input(tmp_path / "in.zarr", (3, 150, 190))
+    for name, depth in (("fits.pt", 2), ("deeper.pt", 3)):
+        net = models.create("unet_same", in_channels=3, num_classes=3, depth=depth, base_width=4)
+        torch.save(net.state_dict(), tmp_path / name)
+    fits = plan_job(_job(tmp_path, model__weights=str(tmp_path / "fits.pt"), model__tta=tta))
+    assert fits.images[0].parameters == 7_479  # depth 2, width 4; the flip wrapper adds none
+    job = _job(tmp_path, model__weights=str(tmp_path / "deeper.pt"), model__tta=tta)
+    with pytest.raises(ConfigError, match=r"weights '.*deeper\.pt' do not fit arch 'unet_same'"):
+        plan_job(job)
+    assert not (tmp_path / "out.zarr").exists()
+
+
 # -- memory --------------------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ lower precision.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -685,12 +686,19 @@ def _axis_counts(
 def _meta_model(job: PredictJob, in_channels: int) -> nn.Module:
     from tilewise import models
     from tilewise.models.ensemble import FlipAverage
+    from tilewise.pipeline.job import load_weights
 
     m = job.model
     with torch.device("meta"):
         model = models.create(m.arch, in_channels=in_channels, num_classes=m.num_classes, **m.args)
-        if m.tta == "flip":
-            model = FlipAverage(model)
+    # Weights that do not fit the network are refused here as the run would refuse them. Copying
+    # into meta tensors checks every name and shape and stores nothing (torch warns that it is a
+    # no-op, which is the point).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        load_weights(model, job, in_channels)
+    if m.tta == "flip":
+        model = FlipAverage(model)
     return model.eval()
 
 
