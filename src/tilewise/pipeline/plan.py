@@ -570,9 +570,9 @@ class Plan:
         if self.device == "cpu":
             out.append(
                 "  note     tensors only: CPU convolution kernels allocate workspaces of their own "
-                "and the allocator keeps freed memory, so measured peaks run higher (the "
-                "4096^2 bench actor, U-Net depth 3, batch 4: 1.69 GB RSS where 0.70 GB was "
-                "planned)"
+                "and the allocator keeps freed memory, so measured peaks run higher "
+                "(bench/large_mosaic.py's actor at 4096^2, U-Net depth 2, batch 1: 0.57 GB RSS "
+                "where 0.41 GB was planned)"
             )
         if m.device:
             out.append(f"memory per actor, GPU{which}")
