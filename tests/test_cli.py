@@ -584,3 +584,16 @@ def test_models_unknown_name(capsys: pytest.CaptureFixture[str]) -> None:
     line = one_error_line(err)
     assert "unknown architecture 'unet2'" in line
     assert "Did you mean 'unet'?" in line
+
+
+def test_log_warnings_print_as_warning_lines_once(capsys: pytest.CaptureFixture[str]) -> None:
+    # What `tilewise run` logs while it runs (a stall, actors that cannot all start) reads like
+    # the plan's warnings, and setting up twice (main called twice in one process) prints once.
+    import logging
+
+    from tilewise.cli import _show_warnings
+
+    _show_warnings()
+    _show_warnings()
+    logging.getLogger("tilewise.pipeline.driver").warning("no unit has finished for %d s", 30)
+    assert capsys.readouterr().err == "warning: no unit has finished for 30 s\n"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -421,9 +422,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _WarningLines(logging.Handler):
+    """``warning: ...`` on stderr, like the CLI's ``error: ...`` lines and the plan's warnings.
+
+    ``sys.stderr`` is looked up for every record, so a replaced stderr (a test's capture) is used.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
+def _show_warnings() -> None:
+    """tilewise's log warnings (a stalled run, actors that cannot all start) on stderr, once."""
+    logger = logging.getLogger("tilewise")
+    if not any(isinstance(h, _WarningLines) for h in logger.handlers):
+        logger.addHandler(_WarningLines(logging.WARNING))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tilewise`` console script."""
     args = _parser().parse_args(argv)
+    _show_warnings()
     try:
         code: int = args.func(args)
     except TilewiseError as exc:

@@ -432,6 +432,39 @@ def test_cuda_layout_splits_host_and_gpu(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize(
+    ("cpus", "gpus", "compute", "waiting"),
+    [
+        (2.0, 0.0, {"workers": 5}, 3),  # 1 CPU each: two start
+        (2.0, 0.0, {"workers": 2}, 0),
+        (8.0, 2.0, {"workers": 4, "gpus_per_worker": 1}, 2),
+        (8.0, 2.0, {"workers": 4}, 0),  # half a GPU each
+        (8.0, 2.0, {"workers": 2, "cpus_per_worker": 6}, 1),
+    ],
+)
+def test_actors_the_cluster_cannot_hold_are_a_warning_with_the_fix(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    cpus: float,
+    gpus: float,
+    compute: dict[str, Any],
+    waiting: int,
+) -> None:
+    write_input(tmp_path / "in.zarr", (3, 150, 190))
+    there = ClusterResources("this machine", gpus > 0, cpus, gpus, 64 * 1024**3, 80 * 1024**3)
+    monkeypatch.setattr(planmod, "_local_resources", lambda: there)
+    job = _job(tmp_path, **{f"compute__{k}": v for k, v in compute.items()})
+    found = [w for w in plan_job(job).warnings if "predictor actors" in w]
+    if not waiting:
+        assert found == []
+        return
+    (warning,) = found
+    n = compute["workers"]
+    assert warning.startswith(f"{n} predictor actors of ")
+    assert f"but the cluster has {cpus:g} and {gpus:g}: {waiting} would wait" in warning
+    assert f"Use compute.workers: {n - waiting} (or --workers)" in warning
+
+
+@pytest.mark.parametrize(
     ("given", "gpus", "expected"),
     [(None, 0.0, 1), (None, 2.0, 4), (2, 0.0, 2), (2, 2.0, 2)],
     ids=["default-cpu", "default-gpu", "given-cpu", "given-gpu"],

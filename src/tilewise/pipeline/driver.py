@@ -213,6 +213,30 @@ def actor_layout(
     return ActorLayout(n, cpus_each, gpus_each, device)
 
 
+def layout_shortfall(layout: ActorLayout, *, cpus: float, gpus: float) -> str | None:
+    """Why some of ``layout``'s actors cannot start on a cluster of ``cpus`` and ``gpus`` now,
+    with the fix; None when all fit.
+
+    Ray keeps such actors pending until a node with room joins: an autoscaling cluster adds one,
+    a fixed cluster never does, and the units handed to them wait until the others take them.
+    """
+    fit = layout.actors
+    if layout.cpus_each > 0:
+        fit = min(fit, int(cpus / layout.cpus_each + 1e-9))
+    if layout.gpus_each > 0:
+        fit = min(fit, int(gpus / layout.gpus_each + 1e-9))
+    if fit >= layout.actors:
+        return None
+    return (
+        f"{layout.actors} predictor actors of {layout.cpus_each:g} CPUs and {layout.gpus_each:g} "
+        f"GPUs need {layout.actors * layout.cpus_each:g} CPUs and "
+        f"{layout.actors * layout.gpus_each:g} GPUs, but the cluster has {cpus:g} and {gpus:g}: "
+        f"{layout.actors - fit} would wait for a node with room (an autoscaling cluster adds "
+        f"one; a fixed one never does). Use compute.workers: {max(fit, 1)} (or --workers), or "
+        f"fewer compute.cpus_per_worker."
+    )
+
+
 @dataclass
 class _Image:
     """Driver-side state of one image of the job."""
@@ -603,6 +627,11 @@ def _run_with_progress(
         workers=workers,
     )
     layout = replace(layout, actors=min(layout.actors, len(todo)))
+    short = layout_shortfall(
+        layout, cpus=float(resources.get("CPU", 1)), gpus=float(resources.get("GPU", 0))
+    )
+    if short:
+        log.warning("%s", short)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),

@@ -1005,6 +1005,12 @@ def _warnings(plan: Plan) -> list[str]:
                 f"{who}output '{im.output}' exists and was written by another job; the run "
                 f"refuses it. Use --overwrite, or another output.path."
             )
+    from tilewise.pipeline.driver import ActorLayout, layout_shortfall
+
+    layout = ActorLayout(plan.actors, plan.cpus_each, plan.gpus_each, plan.device)
+    short = layout_shortfall(layout, cpus=plan.resources.cpus, gpus=plan.resources.gpus)
+    if short:
+        out.append(short)
     return out
 
 
