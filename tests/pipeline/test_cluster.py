@@ -48,3 +48,14 @@ def test_the_address_comes_from_the_argument_the_job_then_the_environment(
     assert cluster_address(None, None) == ("env:6379", "$RAY_ADDRESS")
     monkeypatch.delenv("RAY_ADDRESS")
     assert cluster_address(None) == (None, "")
+
+
+def test_a_port_that_answers_but_is_no_gcs_is_refused_after_one_handshake() -> None:
+    # The dashboard's port without http://, or another service: the TCP connect works, Ray's
+    # handshake does not (ray.init would retry it for minutes).
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)  # the kernel accepts connections; nothing ever answers them
+        port = int(server.getsockname()[1])
+        with pytest.raises(ClusterError, match=rf"127\.0\.0\.1:{port}.*answers, but not as a Ray"):
+            check_address(f"127.0.0.1:{port}")

@@ -4,8 +4,9 @@
 no GCS listens is retried for about 40 s per attempt, and a cluster that wants a token (Ray 2.60's
 default) is retried 20 times, one C++ warning a second, before a ``ConnectionError``. A dashboard
 URL (what ``tilewise submit`` takes) is a ``ValueError``. :func:`check_address` finds each of
-these before ``ray.init`` runs (a TCP connect, then one GCS handshake) and says how to fix it;
-:func:`join` runs both and turns what ``ray.init`` still raises into a :class:`ClusterError`.
+these before ``ray.init`` runs (a TCP connect, then one GCS handshake of at most about 15 s) and
+says how to fix it; :func:`join` runs both and turns what ``ray.init`` still raises into a
+:class:`ClusterError`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tilewise.errors import ClusterError
 __all__ = ["check_address", "cluster_address", "join"]
 
 CONNECT_TIMEOUT_S = 5.0
+HANDSHAKE_TIMEOUT_S = 5.0  # Ray's client adds its own 10 s of connection attempts to this
 _GCS_HINT = (
     "a cluster's GCS address is HEAD:6379 (`ray start --head` prints it), or `auto` on a node "
     "of the cluster"
@@ -113,17 +115,25 @@ def check_address(address: str, where: str = "--address") -> None:
         ) from None
     if client:
         return
-    try:
-        from ray._raylet import GcsClient  # type: ignore[attr-defined]  # one handshake
-        from ray.exceptions import AuthenticationError
+    try:  # one handshake, where ray.init would retry 20 times
+        from ray._raylet import InnerGcsClient  # type: ignore[attr-defined]
+        from ray.exceptions import AuthenticationError, RpcError
     except ImportError:  # a Ray without them: ray.init's own errors are wrapped by join()
         return
     try:
         with _quiet_stderr():
-            GcsClient(address=f"{host}:{port}")
+            InnerGcsClient.standalone(f"{host}:{port}", None, int(HANDSHAKE_TIMEOUT_S * 1000))
     except AuthenticationError as exc:
         raise ClusterError(
             _auth_message(address, where, getattr(exc, "message", str(exc)))
+        ) from None
+    except RpcError as exc:
+        # Something listens (the TCP connect worked) but does not speak Ray's GCS protocol: the
+        # dashboard's port given without http://, or another service.
+        said = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else "silence"
+        raise ClusterError(
+            f"'{address}' ({where}) answers, but not as a Ray cluster's GCS ({said}); is it the "
+            f"dashboard's port (8265)? {_GCS_HINT[0].upper()}{_GCS_HINT[1:]}."
         ) from None
     except Exception:  # anything else is for ray.init to report, as join() words it
         return
