@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -538,3 +539,43 @@ def test_ctrl_c_hook_drops_only_an_abandoned_event_loops_finaliser_error() -> No
     for obj in (asyncio.BaseEventLoop.__del__, print):
         hook(types.SimpleNamespace(object=obj, exc_type=RuntimeError))  # type: ignore[arg-type]
     assert passed == [print]
+
+
+class _TailThatEndsOnCancel:
+    """A job client whose log tail takes a cancelled task as the end of the stream (as a
+    websocket's reader may), and whose job has succeeded."""
+
+    async def _tail(self) -> Any:
+        import asyncio
+
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            return
+        yield "never"
+
+    def tail_job_logs(self, submission_id: str) -> Any:
+        return self._tail()
+
+    def get_job_status(self, submission_id: str) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(value="SUCCEEDED")
+
+    def get_job_logs(self, submission_id: str) -> str:
+        return ""
+
+
+def test_ctrl_c_while_following_is_never_lost_in_the_log_tail() -> None:
+    # asyncio.run's own Ctrl-C handler only cancels the tail; this tail then ends quietly and,
+    # with the job done, following would have returned as if no Ctrl-C had come.
+    from tilewise.submit import _follow_logs
+
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _follow_logs(_TailThatEndsOnCancel(), "t-sigint")  # type: ignore[arg-type]
+    finally:
+        timer.cancel()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back

@@ -25,9 +25,11 @@ import logging
 import os
 import re
 import secrets
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -413,19 +415,43 @@ def _follow_logs(client: JobSubmissionClient, submission_id: str) -> None:
     import aiohttp
 
     written = [0]  # characters printed so far, also when the tail breaks off midway
-    # If the tail closes early (proxy, network), poll the whole log and print what is new.
-    with suppress(TimeoutError, RuntimeError, OSError, aiohttp.ClientError):
-        asyncio.run(_tail(client, submission_id, written))
-    while True:
-        status = str(client.get_job_status(submission_id).value)
-        logs = client.get_job_logs(submission_id)
-        if len(logs) > written[0]:
-            sys.stdout.write(logs[written[0] :])
-            sys.stdout.flush()
-            written[0] = len(logs)
-        if status in _TERMINAL:
-            return
-        time.sleep(_POLL_S)
+    with _ctrl_c_raises():
+        # If the tail closes early (proxy, network), poll the whole log and print what is new.
+        with suppress(TimeoutError, RuntimeError, OSError, aiohttp.ClientError):
+            asyncio.run(_tail(client, submission_id, written))
+        while True:
+            status = str(client.get_job_status(submission_id).value)
+            logs = client.get_job_logs(submission_id)
+            if len(logs) > written[0]:
+                sys.stdout.write(logs[written[0] :])
+                sys.stdout.flush()
+                written[0] = len(logs)
+            if status in _TERMINAL:
+                return
+            time.sleep(_POLL_S)
+
+
+@contextmanager
+def _ctrl_c_raises() -> Iterator[None]:
+    """Ctrl-C raises KeyboardInterrupt here, also while ``asyncio.run`` runs the log tail.
+
+    With Python's default handler in place, ``asyncio.run`` puts in its own, which only cancels
+    the tail's task; when the SDK's websocket code takes that cancellation as the end of the
+    stream, the interrupt is lost and following went on to the job's end. A handler of ours is
+    left alone by ``asyncio.run``, and it raises KeyboardInterrupt wherever the main thread is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _wait_until(client: JobSubmissionClient, submission_id: str, done: set[str]) -> str:
