@@ -175,12 +175,24 @@ def _run(cmd: list[str], *, cwd: Path, env: dict[str, str]) -> subprocess.Comple
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
+def _sigint_by_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_once_submitted(
     cmd: list[str], *, cwd: Path, env: dict[str, str]
 ) -> subprocess.CompletedProcess[str]:
     """Run ``cmd``; press Ctrl-C (SIGINT) as soon as it prints that the job was submitted."""
     proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # As from a terminal: a shell's background job (a CI script run with `&`) passes SIGINT
+        # on ignored, and Python then never turns it into KeyboardInterrupt.
+        preexec_fn=_sigint_by_default,
     )
     assert proc.stdout is not None
     seen = []
@@ -571,11 +583,14 @@ def test_ctrl_c_while_following_is_never_lost_in_the_log_tail() -> None:
     # with the job done, following would have returned as if no Ctrl-C had come.
     from tilewise.submit import _follow_logs
 
+    # Python's own Ctrl-C handling, as in a terminal (a CI job may run with SIGINT ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             _follow_logs(_TailThatEndsOnCancel(), "t-sigint")  # type: ignore[arg-type]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
     finally:
         timer.cancel()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+        signal.signal(signal.SIGINT, inherited)

@@ -440,7 +440,10 @@ def _ctrl_c_raises() -> Iterator[None]:
     stream, the interrupt is lost and following went on to the job's end. A handler of ours is
     left alone by ``asyncio.run``, and it raises KeyboardInterrupt wherever the main thread is.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):  # another thread, or Ctrl-C handled (or ignored) by whoever runs us: left as it is
         yield
         return
 
