@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from tilewise.errors import ClusterError, ConfigError, TilewiseError
+from tilewise.pipeline.cluster import auth_message
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -294,38 +295,6 @@ def _is_this_machine(address: str) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def _auth_message(address: str, detail: str) -> str:
-    mode = os.environ.get("RAY_AUTH_MODE", "")
-    first = detail.strip().splitlines()[0] if detail.strip() else "refused"
-    # The mode first: a GCS names the refusal "InvalidAuthToken" when no token came at all.
-    if mode.lower() != "token":
-        given = f"'{mode}'" if mode else "unset"
-        hint = (
-            " (RAY_AUTH_TOKEN is set, but it is only sent in token mode)"
-            if os.environ.get("RAY_AUTH_TOKEN")
-            else ""
-        )
-        why = (
-            f"RAY_AUTH_MODE is {given} here{hint}, so no token was sent. Set RAY_AUTH_MODE=token "
-            "and the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` "
-            "on the head prints it)"
-        )
-    elif "invalid" in detail.lower() or "forbidden" in detail.lower():
-        why = (
-            "the token sent is not the cluster's token. Set RAY_AUTH_TOKEN to the output of "
-            "`ray get-auth-token` on the head (or copy it to ~/.ray/auth_token)"
-        )
-    else:
-        why = (
-            "RAY_AUTH_MODE=token is set but no token was found. Put the cluster's token in "
-            "RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
-        )
-    return (
-        f"the Ray cluster at {address} refused the request ({first}): Ray 2.60 clusters use "
-        f"token authentication, and {why}."
-    )
-
-
 def _unreachable(address: str, detail: str) -> ClusterError:
     return ClusterError(
         f"cannot reach a Ray cluster at {address} ({detail}). Check the address (the head's "
@@ -344,7 +313,7 @@ def _cluster_errors(address: str) -> Iterator[None]:
     except TilewiseError:  # ours, already worded (ClusterError is also a ConnectionError)
         raise
     except AuthenticationError as exc:
-        raise ClusterError(_auth_message(address, getattr(exc, "message", str(exc)))) from None
+        raise ClusterError(auth_message(address, getattr(exc, "message", str(exc)))) from None
     except RpcError as exc:  # a GCS address (host:6379) that does not answer
         raise _unreachable(address, str(exc).strip().splitlines()[0]) from None
     except ConnectionError as exc:  # also requests' ConnectionError (an OSError subclass)

@@ -20,7 +20,7 @@ from typing import Any
 
 from tilewise.errors import ClusterError
 
-__all__ = ["check_address", "cluster_address", "join"]
+__all__ = ["auth_message", "check_address", "cluster_address", "join"]
 
 CONNECT_TIMEOUT_S = 5.0
 HANDSHAKE_TIMEOUT_S = 5.0  # Ray's client adds its own 10 s of connection attempts to this
@@ -64,10 +64,38 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _auth_message(address: str, where: str, detail: str) -> str:
-    from tilewise.submit import _auth_message as worded
-
-    return worded(f"{address} ({where})", detail)
+def auth_message(address: str, detail: str) -> str:
+    """Why the cluster at ``address`` refused us (``detail``: its words), and which of
+    ``RAY_AUTH_MODE`` / ``RAY_AUTH_TOKEN`` to set; for joining and for ``tilewise submit``."""
+    mode = os.environ.get("RAY_AUTH_MODE", "")
+    first = detail.strip().splitlines()[0] if detail.strip() else "refused"
+    # The mode first: a GCS names the refusal "InvalidAuthToken" when no token came at all.
+    if mode.lower() != "token":
+        given = f"'{mode}'" if mode else "unset"
+        hint = (
+            " (RAY_AUTH_TOKEN is set, but it is only sent in token mode)"
+            if os.environ.get("RAY_AUTH_TOKEN")
+            else ""
+        )
+        why = (
+            f"RAY_AUTH_MODE is {given} here{hint}, so no token was sent. Set RAY_AUTH_MODE=token "
+            "and the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` "
+            "on the head prints it)"
+        )
+    elif "invalid" in detail.lower() or "forbidden" in detail.lower():
+        why = (
+            "the token sent is not the cluster's token. Set RAY_AUTH_TOKEN to the output of "
+            "`ray get-auth-token` on the head (or copy it to ~/.ray/auth_token)"
+        )
+    else:
+        why = (
+            "RAY_AUTH_MODE=token is set but no token was found. Put the cluster's token in "
+            "RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
+        )
+    return (
+        f"the Ray cluster at {address} refused the request ({first}): Ray 2.60 clusters use "
+        f"token authentication, and {why}."
+    )
 
 
 def check_address(address: str, where: str = "--address") -> None:
@@ -125,7 +153,7 @@ def check_address(address: str, where: str = "--address") -> None:
             InnerGcsClient.standalone(f"{host}:{port}", None, int(HANDSHAKE_TIMEOUT_S * 1000))
     except AuthenticationError as exc:
         raise ClusterError(
-            _auth_message(address, where, getattr(exc, "message", str(exc)))
+            auth_message(f"{address} ({where})", getattr(exc, "message", str(exc)))
         ) from None
     except RpcError as exc:
         # Something listens (the TCP connect worked) but does not speak Ray's GCS protocol: the

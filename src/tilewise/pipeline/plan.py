@@ -683,7 +683,9 @@ def _axis_counts(
     return windows, pixels, reads, extents
 
 
-def _meta_model(job: PredictJob, in_channels: int) -> nn.Module:
+def _meta_model(job: PredictJob, in_channels: int, *, check_weights: bool = False) -> nn.Module:
+    """The job's network on the meta device; with ``check_weights``, its weights file is read
+    and refused as the run would refuse it (once per plan: the file may be large)."""
     from tilewise import models
     from tilewise.models.ensemble import FlipAverage
     from tilewise.pipeline.job import load_weights
@@ -691,12 +693,12 @@ def _meta_model(job: PredictJob, in_channels: int) -> nn.Module:
     m = job.model
     with torch.device("meta"):
         model = models.create(m.arch, in_channels=in_channels, num_classes=m.num_classes, **m.args)
-    # Weights that do not fit the network are refused here as the run would refuse them. Copying
-    # into meta tensors checks every name and shape and stores nothing (torch warns that it is a
-    # no-op, which is the point).
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        load_weights(model, job, in_channels)
+    if check_weights:
+        # Copying into meta tensors checks every name and shape and stores nothing (torch warns
+        # that it is a no-op, which is the point).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            load_weights(model, job, in_channels)
     if m.tta == "flip":
         model = FlipAverage(model)
     return model.eval()
@@ -872,7 +874,7 @@ def _plan_image(
     batch = setting.batch
     few = sum(1 for ny in wy_n for nx in wx_n if ny * nx < batch)
     if p.in_channels not in models_cache:
-        models_cache[p.in_channels] = _meta_model(job, p.in_channels)
+        models_cache[p.in_channels] = _meta_model(job, p.in_channels, check_weights=True)
     model = models_cache[p.in_channels]
     step = plan.y.step if plan.stitch == "sliding" else plan.y.tile  # type: ignore[union-attr]
     im = ImagePlan(
