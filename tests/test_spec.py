@@ -155,6 +155,25 @@ def test_unknown_key_without_close_match_lists_allowed_keys(tmp_path: Path) -> N
     )
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "value", "home"),
+    [
+        ("output", "mask", {"method": "nodata"}, "input.mask"),
+        ("input", "tile", 256, "tiling.tile"),
+        (None, "workers", 2, "compute.workers"),
+    ],
+)
+def test_a_key_in_the_wrong_section_is_sent_where_it_belongs(
+    tmp_path: Path, section: str | None, key: str, value: object, home: str
+) -> None:
+    data = job()
+    (data[section] if section else data)[key] = value
+    (line,) = errors_of(tmp_path, data)
+    dotted = f"{section}.{key}" if section else key
+    assert f"{dotted}: unknown key '{key}' here. It belongs at '{home}': move it there." in line
+    assert "Allowed keys here: " in line
+
+
 def test_missing_required_field(tmp_path: Path) -> None:
     data = job()
     del data["output"]["path"]

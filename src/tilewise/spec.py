@@ -1693,6 +1693,15 @@ def _model_keys(root: type[BaseModel], loc: Sequence[str | int]) -> list[str]:
     return []
 
 
+def _sections_with_key(root: type[BaseModel], key: str, exclude: Sequence[str | int]) -> list[str]:
+    """The job's sections (``input``, ``tiling``, ... and the top level) that take ``key``."""
+    homes = [key] if key in root.model_fields and tuple(exclude) != () else []
+    for name in root.model_fields:
+        if (name,) != tuple(exclude) and key in _model_keys(root, (name,)):
+            homes.append(f"{name}.{key}")
+    return homes
+
+
 def _literal_choices(root: type[BaseModel], loc: Sequence[str | int]) -> str | None:
     annotation, nullable = _non_null(_annotation_at(root, loc))
     if get_origin(annotation) is not Literal:
@@ -1729,6 +1738,15 @@ def _message(error: Mapping[str, Any], root: type[BaseModel]) -> str:
         hint = did_you_mean(key, allowed)
         if hint or not allowed:
             return f"unknown key '{key}'.{hint}"
+        # A key that is right but in the wrong section (output.mask for input.mask, a top-level
+        # tile for tiling.tile) is the likelier mistake than a new key: say where it goes.
+        homes = _sections_with_key(root, key, loc[:-1])
+        if homes:
+            where = " or ".join(f"'{home}'" for home in homes)
+            return (
+                f"unknown key '{key}' here. It belongs at {where}: move it there. "
+                f"Allowed keys here: {', '.join(allowed)}."
+            )
         return f"unknown key '{key}'. Allowed keys: {', '.join(allowed)}."
     if kind == "literal_error":
         choices = _literal_choices(root, loc)

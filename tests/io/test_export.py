@@ -387,3 +387,33 @@ def test_the_cli_exports_and_reports_mistakes_in_one_line(
     assert main(["export", str(out), str(dst)]) == 2  # exists: refused
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--overwrite" in err and "Traceback" not in err
+
+
+def test_an_ingested_image_or_a_missing_output_is_named_for_what_it_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Giving the job's input (what `tilewise ingest` wrote) instead of its output is the likely
+    mix-up: the message says so, and a missing output says how one is made, for export and
+    preview alike."""
+    from PIL import Image
+
+    from tilewise.cli import main
+    from tilewise.io.ingest import ingest
+
+    Image.fromarray(np.full((40, 60, 3), 7, np.uint8)).save(tmp_path / "scene.png")
+    ingest(str(tmp_path / "scene.png"), str(tmp_path / "scene.zarr"))
+    for command in (
+        ["export", str(tmp_path / "scene.zarr"), str(tmp_path / "a.tif")],
+        ["preview", str(tmp_path / "scene.zarr")],
+    ):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "is an image that `tilewise ingest` wrote (the input of a job)" in err, err
+        assert "give the job's output.path" in err and err.count("\n") == 1
+    assert not (tmp_path / "a.tif").exists() and not (tmp_path / "scene.preview.png").exists()
+    for command in (
+        ["export", str(tmp_path / "none.zarr"), str(tmp_path / "a.tif")],
+        ["preview", str(tmp_path / "none.zarr")],
+    ):
+        assert main(command) == 2
+        assert "or run its job first (`tilewise run JOB.yaml`" in capsys.readouterr().err

@@ -193,19 +193,11 @@ def _done_units(location: str, options: dict[str, Any] | None) -> int:
 
 
 def _open_source(src: str, what: str, options: dict[str, Any] | None) -> _Source:
+    from tilewise.pipeline.output import OUTPUT_FIX, output_state
+
     location = local_path(src).rstrip("/")
-    root = open_node(location, "r", options, "output")
-    if not isinstance(root, zarr.Group):
-        raise InputError(
-            f"'{location}' is a Zarr array, not a tilewise output; export reads the output "
-            f"group that `tilewise run` writes (with labels/ and probabilities/)."
-        )
-    state = root.attrs.get("tilewise")
-    if not isinstance(state, dict):
-        raise InputError(
-            f"'{location}' is not a tilewise output (its attributes have no 'tilewise' entry); "
-            f"export reads the output of `tilewise run`."
-        )
+    root = open_node(location, "r", options, "output", OUTPUT_FIX)
+    state = output_state(root, location, "export reads")
     status = state.get("status")
     if status != "complete":
         raise InputError(

@@ -450,6 +450,40 @@ async def _set_all(writes: list[tuple[Any, tuple[Any, ...], np.ndarray]]) -> Non
     await asyncio.gather(*(a.async_array.setitem(sel, data) for a, sel, data in writes))
 
 
+# How an output comes to exist, for the message when one is missing.
+OUTPUT_FIX = "run its job first (`tilewise run JOB.yaml` writes the job's output.path)"
+
+
+def output_state(root: Any, location: str, reader: str) -> dict[str, Any]:
+    """The ``tilewise`` attributes of the output opened at ``root``.
+
+    Args:
+        root: the Zarr node at ``location``.
+        location: where it is, for the message.
+        reader: what needs an output, e.g. ``"export reads"``, for the message.
+
+    Raises:
+        InputError: ``root`` is not a tilewise output; the message says what it is instead
+            (a bare array, a group without tilewise's attributes, or an image that
+            ``tilewise ingest`` wrote: the input of a job, the likeliest mix-up).
+    """
+    from tilewise.errors import InputError
+
+    state = root.attrs.get("tilewise") if isinstance(root, zarr.Group) else None
+    if not isinstance(root, zarr.Group):
+        what = "a Zarr array"
+    elif not isinstance(state, dict):
+        what = "a Zarr group without tilewise's attributes"
+    elif "ingest" in state and "status" not in state:
+        what = "an image that `tilewise ingest` wrote (the input of a job)"
+    else:
+        return dict(state)
+    raise InputError(
+        f"'{location}' is {what}, not a tilewise output; {reader} the output group that "
+        f"`tilewise run` writes (with labels/ and probabilities/): give the job's output.path."
+    )
+
+
 def fingerprint_of(parts: dict[str, Any]) -> str:
     """A stable digest of the job settings that determine the output bytes."""
     import hashlib

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import zarr
 
 from tilewise.errors import InputError, StoreNotFoundError
-from tilewise.pipeline.output import class_colours
+from tilewise.pipeline.output import OUTPUT_FIX, class_colours, output_state
 from tilewise.pipeline.stores import InputImage, is_url, local_path, open_node
 
 __all__ = ["PreviewInfo", "default_preview_path", "write_preview"]
@@ -185,18 +184,13 @@ def write_preview(
     from PIL import Image, ImageDraw
 
     location = local_path(output).rstrip("/")
-    root = open_node(location, "r", storage_options, "output")
-    if not isinstance(root, zarr.Group) or not isinstance(root.attrs.get("tilewise"), dict):
-        raise InputError(
-            f"'{location}' is not a tilewise output (no 'tilewise' attributes); previews are "
-            f"drawn from what `tilewise run` writes."
-        )
+    root = open_node(location, "r", storage_options, "output", OUTPUT_FIX)
+    state = output_state(root, location, "previews are drawn from")
     labels, k, count = _labels_at(root, level, max_size)
     count = max(count, int(labels.max()) + 1 if labels.size else 1)
     names, colours = _classes(root, count)
     palette = np.zeros((max(len(colours), count), 3), np.uint8)
     palette[: len(colours)] = colours
-    state: dict[str, Any] = dict(root.attrs["tilewise"])  # type: ignore[arg-type]
     job_input: dict[str, Any] = (state.get("job") or {}).get("input") or {}
     h, w = labels.shape
     image = _image_at(job_input, k, (h, w)) if job_input.get("path") else None

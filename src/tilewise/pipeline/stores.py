@@ -35,15 +35,24 @@ def _storage(location: str, options: dict[str, Any] | None) -> dict[str, Any]:
     return {"storage_options": options} if options and is_url(location) else {}
 
 
-def open_node(location: str, mode: str, options: dict[str, Any] | None, what: str) -> Any:
-    """Open a Zarr array or group; a missing store becomes a :class:`StoreNotFoundError`."""
+def open_node(
+    location: str,
+    mode: str,
+    options: dict[str, Any] | None,
+    what: str,
+    fix: str = "create it first (e.g. `tilewise demo` or `tilewise ingest`)",
+) -> Any:
+    """Open a Zarr array or group; a missing store becomes a :class:`StoreNotFoundError`.
+
+    ``what`` names the store and ``fix`` says how one comes to exist, for the message.
+    """
     location = local_path(location)
     try:
         return zarr.open(store=location, mode=mode, **_storage(location, options))  # type: ignore[arg-type]
     except (FileNotFoundError, KeyError) as exc:
         raise StoreNotFoundError(
             f"{what} '{location}' does not exist or is not a Zarr store ({type(exc).__name__}). "
-            f"Check the path, or create it first (e.g. `tilewise demo` or `tilewise ingest`)."
+            f"Check the path, or {fix}."
         ) from None
 
 
