@@ -82,12 +82,14 @@ def _cmd_shards(args: argparse.Namespace) -> int:
         args.dest,
         size=args.size,
         chunk=args.chunk,
-        kind="instances" if args.instances else "classes",
+        kind="instances" if args.instances else "unet" if args.unet_weights else "classes",
         ignore_index=args.ignore_index,
         keep_empty=args.keep_empty,
         name=args.name,
         overwrite=args.overwrite,
         workers=args.workers,
+        w0=args.w0,
+        sigma=args.sigma,
     )
     print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
     return 0
@@ -418,11 +420,20 @@ def _parser() -> argparse.ArgumentParser:
         "--size", type=int, default=2048, help="smallest shard side in px (default 2048)"
     )
     sh.add_argument("--chunk", type=int, default=512, help="chunk side in px (default 512)")
-    sh.add_argument(
+    what = sh.add_mutually_exclusive_group()
+    what.add_argument(
         "--instances",
         action="store_true",
         help="the labels are object ids (0 = background): instance shards for Mask R-CNN",
     )
+    what.add_argument(
+        "--unet-weights",
+        action="store_true",
+        help="the labels are object ids (0 = background): U-Net's targets for touching cells, "
+        "'label' with gaps between cells and 'weight', its weight map",
+    )
+    sh.add_argument("--w0", type=float, default=10.0, help="--unet-weights: w0 (default 10)")
+    sh.add_argument("--sigma", type=float, default=5.0, help="--unet-weights: sigma (default 5)")
     sh.add_argument(
         "--ignore-index",
         type=int,

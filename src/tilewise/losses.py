@@ -43,6 +43,8 @@ __all__ = [
     "class_pixel_counts",
     "median_frequency_weights",
     "soft_dice_terms",
+    "touching_cells",
+    "unet_border_reach",
     "unet_targets",
     "unet_weight_map",
     "with_aux",
@@ -491,6 +493,13 @@ def median_frequency_weights(counts: npt.ArrayLike) -> npt.NDArray[np.float64]:
 _BORDER_FLOOR = 1e-7
 
 
+def unet_border_reach(sigma: float) -> int:
+    """How far (px) a cell's border term reaches in :func:`unet_weight_map`: beyond it the term
+    is below ``w0 * 1e-7`` and dropped. A piece of a larger image read with this many more
+    pixels on every side gets the whole image's weights inside (up to that floor)."""
+    return math.ceil(sigma * math.sqrt(2.0 * math.log(1.0 / _BORDER_FLOOR))) + 1
+
+
 def unet_weight_map(
     instances: npt.ArrayLike,
     *,
@@ -546,7 +555,7 @@ def unet_weight_map(
     if ids.size < 2 or w0 == 0:
         return weight.astype(np.float32)
 
-    margin = math.ceil(sigma * math.sqrt(2.0 * math.log(1.0 / _BORDER_FLOOR))) + 1
+    margin = unet_border_reach(sigma)
     height, width = labels.shape
     nearest = np.full(labels.shape, np.inf)  # d1
     second = np.full(labels.shape, np.inf)  # d2
@@ -573,6 +582,7 @@ def unet_targets(
     *,
     w0: float = 10.0,
     sigma: float = 5.0,
+    class_weights: Sequence[float] | None = None,
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
     """Training targets for touching cells, as in U-Net (Ronneberger et al. 2015, Fig. 3).
 
@@ -587,6 +597,9 @@ def unet_targets(
         classes: class of each cell id (default: class 1 for every cell).
         w0: border weight (paper: 10).
         sigma: border width in pixels (paper: about 5).
+        class_weights: ``(w_background, w_cell)``; default: balanced from this image's separated
+            cells (see :func:`unet_weight_map`). A piece of a larger image passes the whole
+            image's, so that its weights are the whole image's.
 
     Returns:
         ``(labels, weights)``: uint8 (H, W) classes with the gaps, float32 (H, W) weights.
@@ -594,6 +607,22 @@ def unet_targets(
     cells = _as_int_array(instances, "instances")
     if cells.ndim != 2:
         raise InputError(f"instances must be a 2-D (H, W) label image; got shape {cells.shape}.")
+    separated = np.where(touching_cells(cells), 0, cells)
+    if classes is None:
+        labels = (separated > 0).astype(np.uint8)
+    else:
+        lut = np.zeros(int(separated.max()) + 1, np.uint8)
+        for cell, cls in classes.items():
+            if 0 < cell < lut.size:
+                lut[cell] = cls
+        labels = lut[separated]
+    return labels, unet_weight_map(separated, class_weights=class_weights, w0=w0, sigma=sigma)
+
+
+def touching_cells(cells: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.bool_]:
+    """The pixels of a cell that touch a different cell (4-neighbours): :func:`unet_targets`'
+    gaps. Each pixel depends on its 4 neighbours only, so a piece read with one more pixel on
+    every side gives the whole image's answer inside."""
     touching = np.zeros(cells.shape, bool)
     for axis in (0, 1):
         a = cells.take(range(cells.shape[axis] - 1), axis=axis)
@@ -604,16 +633,7 @@ def unet_targets(
         head[axis], tail[axis] = slice(0, -1), slice(1, None)
         touching[tuple(head)] |= edge
         touching[tuple(tail)] |= edge
-    separated = np.where(touching, 0, cells)
-    if classes is None:
-        labels = (separated > 0).astype(np.uint8)
-    else:
-        lut = np.zeros(int(separated.max()) + 1, np.uint8)
-        for cell, cls in classes.items():
-            if 0 < cell < lut.size:
-                lut[cell] = cls
-        labels = lut[separated]
-    return labels, unet_weight_map(separated, w0=w0, sigma=sigma)
+    return touching
 
 
 def _class_weight_map(

@@ -204,6 +204,57 @@ def test_instance_shards_from_a_png_or_its_zarr_hold_the_object_ids(tmp_path: Pa
     assert len(checked) == 4
 
 
+def _touching_cells(height: int, width: int) -> np.ndarray:
+    """Object ids: pairs of touching discs and squares, many across the shards' borders, big
+    ids (not consecutive) and one object on the image's edge."""
+    rng = np.random.default_rng(7)
+    cells = np.zeros((height, width), np.uint32)
+    yy, xx = np.mgrid[:height, :width]
+    next_id = 70_000
+    for y in range(12, height, 34):
+        for x in range(10, width, 40):
+            cy, cx = y + int(rng.integers(-3, 4)), x + int(rng.integers(-3, 4))
+            cells[(yy - cy) ** 2 + (xx - cx) ** 2 < 11**2] = next_id
+            cells[cy - 6 : cy + 6, cx + 9 : cx + 21] = next_id + 1  # touches the disc
+            next_id += 7
+    cells[:, :4][cells[:, :4] == 0] = 3  # a strip on the image's left edge
+    return cells
+
+
+def test_unet_weight_shards_equal_the_whole_images_targets(tmp_path: Path) -> None:
+    """U-Net's gaps and weight map, cut into shards of 64 px, against unet_targets of the whole
+    image (its own class balance, its own distances): the labels are equal, the weights equal
+    up to the border term's floor (w0 * 1e-7)."""
+    from tilewise.losses import unet_targets
+
+    height, width = 200, 260
+    cells = _touching_cells(height, width)
+    tifffile.imwrite(tmp_path / "cells.tif", cells)
+    rgb = np.random.default_rng(1).integers(0, 256, (height, width, 3)).astype(np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "cells.png")
+    report = cut_shards(
+        str(tmp_path / "cells.png"),
+        str(tmp_path / "cells.tif"),
+        str(tmp_path / "s"),
+        size=64,
+        kind="unet",
+    )
+    whole_labels, whole_weight = unet_targets(cells.astype(np.int64))
+    assert whole_weight.max() > 5  # the gaps between touching cells are weighed
+    labels = np.full((height, width), 9, np.uint8)
+    weight = np.full((height, width), -1.0, np.float32)
+    for r, (y0, y1) in enumerate(shard_bounds(height, 64)):
+        for c, (x0, x1) in enumerate(shard_bounds(width, 64)):
+            group = zarr.open_group(str(tmp_path / "s" / f"cells-{r}-{c}.zarr"), mode="r")
+            labels[y0:y1, x0:x1] = group["label"][:]
+            weight[y0:y1, x0:x1] = group["weight"][:]
+    np.testing.assert_array_equal(labels, whole_labels)
+    np.testing.assert_allclose(weight, whole_weight, rtol=0, atol=1e-5)
+    assert report.class_pixels == {0: int((whole_labels == 0).sum()), 1: int(whole_labels.sum())}
+    checked = open_shards([str(tmp_path / "s" / "*.zarr")], num_classes=2, patch_size=48)
+    assert len(checked) == len(report.shards) == 12
+
+
 def _bad(tmp_path: Path, case: str) -> tuple[Path, str]:
     """A label raster that does not fit the scene, and what the error must say."""
     ids = np.zeros((1, H, W), np.uint8)

@@ -20,6 +20,12 @@ turns the pair into shards without holding either whole:
   pixels where every band of the image is the image's no-data value (the collar of a scene),
   become ``ignore_index``; shards with no labelled pixel left are not written (``keep_empty``
   writes them). Instance labels have no ignore value: no-data becomes background (0).
+* **U-Net's targets for touching cells** (``kind="unet"``, from object ids): ``label`` with
+  background gaps where cells touch and ``weight``, U-Net's weight map
+  (:func:`tilewise.losses.unet_targets`). Each shard is computed from its labels plus the border
+  term's reach around it, with the whole image's class balance: it equals the whole image's
+  map there, which a map computed per piece is not (cells cut at the piece's edge, another
+  class balance in every piece).
 * **Each shard is complete or absent.** Shards are written into a staging folder inside the
   destination and moved into place when all of them are written; a failure removes the staging
   folder and leaves the destination as it was. Existing shards of the same name are refused
@@ -51,12 +57,13 @@ import zarr
 
 from tilewise.errors import ConfigError, InputError, OutputExistsError, StoreNotFoundError
 from tilewise.io.ingest import _open_source, _run
+from tilewise.losses import touching_cells, unet_border_reach, unet_targets
 from tilewise.pipeline.pyramid import spatial_attributes
 from tilewise.pipeline.stores import InputImage, is_url, local_path
 
 __all__ = ["CutReport", "cut_shards", "shard_bounds"]
 
-LabelKind = Literal["classes", "instances"]
+LabelKind = Literal["classes", "instances", "unet"]
 
 # The shard attribute that marks a group as written by cut_shards (an overwrite removes only such
 # groups) and records where it came from.
@@ -96,18 +103,20 @@ class CutReport:
     def lines(self) -> list[str]:
         """The report for people."""
         c, h, w = self.shape
-        sizes = sorted(set(self.shard_sizes))
-        size_text = (
-            f"{sizes[0][0]}x{sizes[0][1]}"
-            if len(sizes) == 1
-            else f"{min(s[0] for s in sizes)}..{max(s[0] for s in sizes)} x "
-            f"{min(s[1] for s in sizes)}..{max(s[1] for s in sizes)}"
-        )
+
+        def span(values: list[int]) -> str:
+            return (
+                f"{min(values)}" if min(values) == max(values) else f"{min(values)}..{max(values)}"
+            )
+
+        heights, widths = [s[0] for s in self.shard_sizes], [s[1] for s in self.shard_sizes]
+        size_text = f"{span(heights)} x {span(widths)}" if self.shard_sizes else "no"
         out = [
             f"cut {self.image} + {self.labels} ({c} x {h} x {w} {self.dtype}) "
             f"-> {len(self.shards)} shards in {self.destination}",
             f"  shards   {size_text} px each; array 'image' {self.dtype}, "
-            f"'{'label' if self.kind == 'classes' else 'instances'}' {self.label_dtype}",
+            f"'{'instances' if self.kind == 'instances' else 'label'}' {self.label_dtype}"
+            + (", 'weight' float32 (U-Net's weight map)" if self.kind == "unet" else ""),
         ]
         if self.skipped_empty:
             out.append(
@@ -115,7 +124,7 @@ class CutReport:
                 f"(--keep-empty writes them)"
             )
         total = sum(self.class_pixels.values()) + self.ignored_pixels
-        if self.kind == "classes":
+        if self.kind != "instances":
             parts = [
                 f"{k}: {100 * n / max(total, 1):.1f} %"
                 for k, n in sorted(self.class_pixels.items())
@@ -130,6 +139,8 @@ class CutReport:
             out.append(
                 f"  train    data.shards: [{self.destination}/*.zarr], num_classes >= {classes}"
             )
+            if self.kind == "unet":
+                out.append("           loss: {kind: weighted_cross_entropy} reads the weight maps")
         else:
             out.append(f"  objects  {self.objects} distinct ids (background 0)")
             out.append(f"  train    data.shards: [{self.destination}/*.zarr] with an instance arch")
@@ -313,16 +324,25 @@ class _Scan:
     counts: dict[int, int] = field(default_factory=dict)
     nodata: int = 0
     max_id: int = -1
+    separated_cells: int = 0  # cell pixels once touching cells are parted (unet_targets' gaps)
 
 
-def _scan(labels: _Raster) -> _Scan:
-    """Every label pixel, checked once before anything is written."""
+def _scan(labels: _Raster, gaps: bool = False) -> _Scan:
+    """Every label pixel, checked once before anything is written; with ``gaps``, also the cell
+    pixels left once touching cells are parted (read with one row more on each side, so that
+    the gaps are the whole image's)."""
     _, h, w = labels.shape
     rows = max(1, _CHECK_PIXELS // max(w, 1))
     scan = _Scan()
     for y0 in range(0, h, rows):
         y1 = min(h, y0 + rows)
-        ids = _as_ids(labels.read(y0, y1, 0, w), labels, y0, 0)
+        top, bottom = (max(0, y0 - 1), min(h, y1 + 1)) if gaps else (y0, y1)
+        ids = _as_ids(labels.read(top, bottom, 0, w), labels, top, 0)
+        if gaps:
+            cells = np.maximum(ids, 0)
+            kept = (cells > 0) & ~touching_cells(cells)
+            scan.separated_cells += int(kept[y0 - top : y1 - top].sum())
+            ids = ids[y0 - top : y1 - top]
         scan.nodata += int((ids < 0).sum())
         valid = ids[ids >= 0]
         if valid.size:
@@ -379,6 +399,8 @@ def cut_shards(
     name: str | None = None,
     overwrite: bool = False,
     workers: int | None = None,
+    w0: float = 10.0,
+    sigma: float = 5.0,
 ) -> CutReport:
     """Cut an image and its label raster into training shards (Zarr groups) in ``dest``.
 
@@ -392,12 +414,18 @@ def cut_shards(
         size: the shards' smallest side in px (sides are below ``2 * size``).
         chunk: the arrays' chunk side in px.
         kind: ``"classes"`` writes ``label`` arrays (semantic networks), ``"instances"``
-            ``instances`` arrays (Mask R-CNN; every object of class 1).
+            ``instances`` arrays (Mask R-CNN; every object of class 1), ``"unet"`` U-Net's
+            targets for touching cells from object ids: ``label`` (cells 1 with background
+            gaps where cells touch) and ``weight`` (:func:`tilewise.losses.unet_targets`,
+            computed on each shard with the border term's reach around it and the whole
+            image's class balance, so equal to the whole image's).
         ignore_index: the label of unlabelled pixels (``data.ignore_index`` of the train job).
         keep_empty: also write shards whose pixels are all unlabelled.
         name: the shards' name stem (default: the image's file name without its extension).
         overwrite: replace an earlier cut of the same name.
         workers: writer threads (default: up to 4, one per CPU).
+        w0: ``"unet"``: the border weight (paper: 10).
+        sigma: ``"unet"``: the border width in px (paper: about 5).
 
     Returns:
         A :class:`CutReport` (``lines()`` for people, ``to_dict()`` for JSON).
@@ -413,8 +441,13 @@ def cut_shards(
         raise ConfigError(f"size must be at least 16 px; got {size}. Use e.g. 1024 or 2048.")
     if chunk < 16:
         raise ConfigError(f"chunk must be at least 16 px; got {chunk}. Use e.g. 256 or 512.")
-    if kind not in ("classes", "instances"):
-        raise ConfigError(f"kind must be 'classes' or 'instances'; got {kind!r}.")
+    if kind not in ("classes", "instances", "unet"):
+        raise ConfigError(f"kind must be 'classes', 'instances' or 'unet'; got {kind!r}.")
+    if not (sigma > 0 and w0 >= 0):
+        raise ConfigError(
+            f"sigma must be above 0 and w0 at least 0; got sigma {sigma}, w0 {w0}. The paper's "
+            f"are sigma 5 and w0 10."
+        )
     if not 0 <= ignore_index < (1 << 16):
         raise ConfigError(f"ignore_index must be within 0..65535; got {ignore_index}. Use 255.")
     if workers is not None and workers < 1:
@@ -443,7 +476,9 @@ def cut_shards(
     try:
         target = _open(labels_path, "labels")
         try:
-            settings = _Settings(size, chunk, kind, ignore_index, keep_empty, nworkers)
+            settings = _Settings(
+                size, chunk, kind, ignore_index, keep_empty, nworkers, float(w0), float(sigma)
+            )
             with source.environment(nworkers), target.environment(nworkers):
                 return _cut(source, target, folder, stem, earlier, settings, started)
         finally:
@@ -460,6 +495,8 @@ class _Settings:
     ignore_index: int
     keep_empty: bool
     workers: int
+    w0: float = 10.0
+    sigma: float = 5.0
 
 
 def _cut(
@@ -474,8 +511,9 @@ def _cut(
     size, chunk, kind = settings.size, settings.chunk, settings.kind
     ignore_index, keep_empty = settings.ignore_index, settings.keep_empty
     _check_pair(image, labels)
-    scan = _scan(labels)
+    scan = _scan(labels, gaps=kind == "unet")
     notes: list[str] = []
+    class_weights = (1.0, 1.0)
     if kind == "classes":
         top = max(scan.max_id, ignore_index)
         if top >= (1 << 16):
@@ -495,9 +533,16 @@ def _cut(
                 f"the labels '{labels.name}' hold object id {scan.max_id}; ids go up to "
                 f"4294967295. Renumber the objects."
             )
-        label_dtype = np.dtype(np.uint32)
+        label_dtype = np.dtype(np.uint32 if kind == "instances" else np.uint8)
         if scan.nodata:
             notes.append(f"note: {scan.nodata} no-data label pixels are background (0)")
+        if kind == "unet":
+            # w_c balanced over the whole image, as unet_targets does for one image: each
+            # shard's weights are then the whole image's, not its own piece's.
+            total = labels.shape[1] * labels.shape[2]
+            cells = scan.separated_cells
+            if 0 < cells < total:
+                class_weights = (total / (2.0 * (total - cells)), total / (2.0 * cells))
     if image.dtype.kind == "b":
         image.dtype = np.dtype(np.uint8)
 
@@ -513,15 +558,35 @@ def _cut(
     ignored = 0
     objects: set[int] = set()
     written: dict[int, tuple[str, tuple[int, int]]] = {}
-    array_name = "label" if kind == "classes" else "instances"
+    array_name = "instances" if kind == "instances" else "label"
     lock = threading.Lock()
+    reach = unet_border_reach(settings.sigma) + 1  # + 1: the gaps look at the next pixel
+
+    def unet(y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shard's classes and weights, from its cells and ``reach`` px around them."""
+        top, left = max(0, y0 - reach), max(0, x0 - reach)
+        bottom, right = min(h, y1 + reach), min(w, x1 + reach)
+        cells = np.maximum(_as_ids(labels.read(top, bottom, left, right), labels, top, left), 0)
+        # Renumbered 1..n (0 stays the background): the weight map indexes cells by id.
+        found, compact = np.unique(cells, return_inverse=True)
+        compact = compact.reshape(cells.shape) + (0 if found[0] == 0 else 1)
+        classes, weight = unet_targets(
+            compact, w0=settings.w0, sigma=settings.sigma, class_weights=class_weights
+        )
+        core = (slice(y0 - top, y1 - top), slice(x0 - left, x1 - left))
+        return classes[core], weight[core]
 
     def one(index: int) -> None:
         nonlocal ignored
         r, cc, (y0, y1), (x0, x1) = grid[index]
         pixels = image.read(y0, y1, x0, x1)
-        ids = _as_ids(labels.read(y0, y1, x0, x1), labels, y0, x0)
-        if kind == "classes":
+        weight = None
+        if kind == "unet":
+            out, weight = unet(y0, y1, x0, x1)
+            counts = np.bincount(out.ravel(), minlength=2)
+            local, local_ignored = {k: int(n) for k, n in enumerate(counts) if n}, 0
+        elif kind == "classes":
+            ids = _as_ids(labels.read(y0, y1, x0, x1), labels, y0, x0)
             unlabelled = ids < 0
             collar = _image_nodata(pixels, image.nodata)
             if collar is not None:
@@ -534,6 +599,7 @@ def _cut(
             local = {k: int(n) for k, n in enumerate(counts) if n}
             local_ignored = int((~labelled).sum())
         else:
+            ids = _as_ids(labels.read(y0, y1, x0, x1), labels, y0, x0)
             out = np.maximum(ids, 0).astype(label_dtype)
             local, local_ignored = {}, 0
         shard_name = f"{stem}-{r:0{digits}d}-{cc:0{digits}d}.zarr"
@@ -542,6 +608,8 @@ def _cut(
             "image", data=pixels.astype(image.dtype, copy=False), chunks=(c, chunk, chunk)
         )
         group.create_array(array_name, data=out, chunks=(chunk, chunk))
+        if weight is not None:
+            group.create_array("weight", data=weight, chunks=(chunk, chunk))
         attrs: dict[str, Any] = {
             "tilewise": {
                 SHARD_ATTRIBUTE: {
@@ -553,6 +621,11 @@ def _cut(
                     "height": y1 - y0,
                     "width": x1 - x0,
                     "ignore_index": ignore_index if kind == "classes" else None,
+                    **(
+                        {"w0": settings.w0, "sigma": settings.sigma, "class_weights": class_weights}
+                        if kind == "unet"
+                        else {}
+                    ),
                 }
             }
         }
