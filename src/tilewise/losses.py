@@ -39,6 +39,7 @@ __all__ = [
     "CrossEntropy",
     "SoftDice",
     "WeightedCrossEntropy",
+    "balanced_class_weights",
     "build_loss",
     "class_pixel_counts",
     "median_frequency_weights",
@@ -636,18 +637,20 @@ def touching_cells(cells: npt.NDArray[np.integer[Any]]) -> npt.NDArray[np.bool_]
     return touching
 
 
+def balanced_class_weights(background: int, total: int) -> tuple[float, float]:
+    """``(w_background, w_cell)`` = ``1 / (2 f_c)`` for ``background`` pixels of ``total``: the
+    mean weight is 1 and each class carries half of it; ``(1, 1)`` when a class is absent."""
+    if background == 0 or background == total:
+        return 1.0, 1.0
+    return total / (2.0 * background), total / (2.0 * (total - background))
+
+
 def _class_weight_map(
     background: npt.NDArray[np.bool_], class_weights: Sequence[float] | npt.NDArray[Any] | None
 ) -> npt.NDArray[np.float64]:
     """``w_c(x)`` for :func:`unet_weight_map` (see its docstring for the three forms)."""
     if class_weights is None:
-        total = background.size
-        n_background = int(background.sum())
-        n_foreground = total - n_background
-        if n_background == 0 or n_foreground == 0:
-            return np.ones(background.shape, dtype=np.float64)
-        w_background = total / (2.0 * n_background)
-        w_foreground = total / (2.0 * n_foreground)
+        w_background, w_foreground = balanced_class_weights(int(background.sum()), background.size)
         return np.where(background, w_background, w_foreground)
     given = np.asarray(class_weights, dtype=np.float64)
     if given.shape == background.shape and given.ndim == 2:

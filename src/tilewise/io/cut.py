@@ -57,7 +57,13 @@ import zarr
 
 from tilewise.errors import ConfigError, InputError, OutputExistsError, StoreNotFoundError
 from tilewise.io.ingest import _open_source, _run
-from tilewise.losses import touching_cells, unet_border_reach, unet_targets
+from tilewise.losses import (
+    balanced_class_weights,
+    touching_cells,
+    unet_border_reach,
+    unet_targets,
+)
+from tilewise.pipeline.masks import input_nodata, nodata_pixels
 from tilewise.pipeline.pyramid import spatial_attributes
 from tilewise.pipeline.stores import InputImage, is_url, local_path
 
@@ -193,9 +199,8 @@ def _open(path: str, role: str) -> _Raster:
         raise StoreNotFoundError(f"{role} '{path}' does not exist; check the path.")
     if _is_zarr(path):
         image = InputImage(path)
-        attrs = {**image.group_attrs, **image.array_attrs}
+        attrs = image.carried_attributes()
         transform = attrs.get("spatial:transform")
-        nodata = attrs.get("nodata")
         return _Raster(
             name=path,
             shape=image.shape,
@@ -204,7 +209,7 @@ def _open(path: str, role: str) -> _Raster:
             close=lambda: None,
             transform=[float(v) for v in transform] if transform else None,
             crs={k: v for k, v in attrs.items() if k in ("proj:wkt2", "proj:code")},
-            nodata=float(nodata) if isinstance(nodata, int | float | str) else None,
+            nodata=input_nodata(image),
         )
     source = _open_source(path)
     h, w = source.level_shapes[0]
@@ -295,7 +300,7 @@ def _as_ids(block: np.ndarray, labels: _Raster, y0: int, x0: int) -> np.ndarray:
     """A block of the label raster as int64 ids; refuses fractions and negative values."""
     values = block[0]
     if labels.nodata is not None:
-        nodata = np.isnan(values) if np.isnan(labels.nodata) else values == labels.nodata
+        nodata = nodata_pixels(block, labels.nodata)
     else:
         nodata = np.zeros(values.shape, bool)
     if values.dtype.kind == "f":
@@ -352,14 +357,6 @@ def _scan(labels: _Raster, gaps: bool = False) -> _Scan:
                     if n:
                         scan.counts[k] = scan.counts.get(k, 0) + int(n)
     return scan
-
-
-def _image_nodata(block: np.ndarray, nodata: float | None) -> np.ndarray | None:
-    if nodata is None:
-        return None
-    if np.isnan(nodata):
-        return np.isnan(block).all(axis=0) if block.dtype.kind == "f" else None
-    return (block == nodata).all(axis=0)
 
 
 # -- the command -------------------------------------------------------------------------------
@@ -540,9 +537,7 @@ def _cut(
             # w_c balanced over the whole image, as unet_targets does for one image: each
             # shard's weights are then the whole image's, not its own piece's.
             total = labels.shape[1] * labels.shape[2]
-            cells = scan.separated_cells
-            if 0 < cells < total:
-                class_weights = (total / (2.0 * (total - cells)), total / (2.0 * cells))
+            class_weights = balanced_class_weights(total - scan.separated_cells, total)
     if image.dtype.kind == "b":
         image.dtype = np.dtype(np.uint8)
 
@@ -588,9 +583,8 @@ def _cut(
         elif kind == "classes":
             ids = _as_ids(labels.read(y0, y1, x0, x1), labels, y0, x0)
             unlabelled = ids < 0
-            collar = _image_nodata(pixels, image.nodata)
-            if collar is not None:
-                unlabelled |= collar
+            if image.nodata is not None:
+                unlabelled |= nodata_pixels(pixels, image.nodata)
             out = np.where(unlabelled, ignore_index, ids).astype(label_dtype)
             labelled = out != ignore_index
             if not labelled.any() and not keep_empty:

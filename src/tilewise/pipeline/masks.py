@@ -565,20 +565,28 @@ def _nodata_value(value: Any, key: str, where: str, location: str) -> float | No
         ) from None
 
 
-def resolve_nodata(image: InputImage, spec: MaskSpec) -> float:
-    """The no-data value: ``spec.nodata``, else the input's attributes.
+def input_nodata(image: InputImage) -> float | None:
+    """The no-data value the input's attributes give, or None.
 
     Looks for ``nodata``, ``proj:nodata`` and GDAL's ``_FillValue`` in the array's attributes,
     then the group's.
     """
-    if spec.nodata is not None:
-        return float(spec.nodata)
     for where, attrs in (("array", image.array_attrs), ("group", image.group_attrs)):
         for key in _NODATA_KEYS:
             if key in attrs:
                 value = _nodata_value(attrs[key], key, where, image.location)
                 if value is not None:
                     return value
+    return None
+
+
+def resolve_nodata(image: InputImage, spec: MaskSpec) -> float:
+    """The no-data value: ``spec.nodata``, else the input's attributes (:func:`input_nodata`)."""
+    if spec.nodata is not None:
+        return float(spec.nodata)
+    value = input_nodata(image)
+    if value is not None:
+        return value
     raise InputError(
         f"input.mask.method 'nodata' needs the no-data value, but input '{image.location}' has "
         f"no {', '.join(repr(k) for k in _NODATA_KEYS)} attribute; set input.mask.nodata "
