@@ -105,6 +105,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    from tilewise.io.score import score
+
+    report = score(args.output, args.labels, ignore_index=args.ignore_index, workers=args.workers)
+    print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
+    return 0
+
+
 def _level_arg(value: str) -> int | str:
     if value == "auto":
         return value
@@ -465,6 +473,25 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace an existing file")
     exp.add_argument("--json", action="store_true", help="print the report as JSON")
     exp.set_defaults(func=_cmd_export)
+
+    sco = sub.add_parser(
+        "score",
+        help="the FCN metrics (pixel accuracy, mean IU, ...) of an output against reference labels",
+    )
+    sco.add_argument("output", help="the output store of a predict job (OUT.zarr)")
+    sco.add_argument(
+        "labels",
+        help="the reference: one band of class ids, the output's size and grid (GeoTIFF, TIFF, "
+        "PNG or Zarr); its no-data pixels are not counted",
+    )
+    sco.add_argument(
+        "--ignore-index",
+        type=int,
+        help="a reference value that marks unlabelled pixels, not counted (e.g. 255)",
+    )
+    sco.add_argument("--workers", type=int, help="reader threads (default up to 4)")
+    sco.add_argument("--json", action="store_true", help="print the report as JSON")
+    sco.set_defaults(func=_cmd_score)
 
     pre = sub.add_parser(
         "preview",

@@ -67,7 +67,15 @@ from tilewise.pipeline.masks import input_nodata, nodata_pixels
 from tilewise.pipeline.pyramid import spatial_attributes
 from tilewise.pipeline.stores import InputImage, is_url, local_path
 
-__all__ = ["CutReport", "cut_shards", "shard_bounds"]
+__all__ = [
+    "CutReport",
+    "Raster",
+    "check_pair",
+    "cut_shards",
+    "label_ids",
+    "open_raster",
+    "shard_bounds",
+]
 
 LabelKind = Literal["classes", "instances", "unet"]
 
@@ -167,7 +175,7 @@ class CutReport:
 
 
 @dataclass
-class _Raster:
+class Raster:
     """A (C, H, W) raster read window by window: an image file or a Zarr image."""
 
     name: str
@@ -192,7 +200,7 @@ def _is_zarr(path: str) -> bool:
     )
 
 
-def _open(path: str, role: str) -> _Raster:
+def open_raster(path: str, role: str) -> Raster:
     """The image or the label raster at ``path``: a file any ingest reader opens, or a Zarr
     array / OME-Zarr image (level 0)."""
     if not is_url(path) and not Path(path).exists():
@@ -201,7 +209,7 @@ def _open(path: str, role: str) -> _Raster:
         image = InputImage(path)
         attrs = image.carried_attributes()
         transform = attrs.get("spatial:transform")
-        return _Raster(
+        return Raster(
             name=path,
             shape=image.shape,
             dtype=image.dtype,
@@ -215,7 +223,7 @@ def _open(path: str, role: str) -> _Raster:
     h, w = source.level_shapes[0]
     geo = source.geo or {}
     crs = {f"proj:{k}": geo[k] for k in ("wkt2", "code") if geo.get(k)}
-    return _Raster(
+    return Raster(
         name=path,
         shape=(source.channels, h, w),
         dtype=source.dtype,
@@ -256,14 +264,20 @@ def _shard_transform(transform: list[float], y0: int, x0: int) -> list[float]:
 # -- checks ------------------------------------------------------------------------------------
 
 
-def _check_pair(image: _Raster, labels: _Raster) -> None:
+def check_pair(image: Raster, labels: Raster, role: str = "image") -> None:
+    """Refuse a label raster that does not cover ``image`` pixel for pixel: another size, more
+    than one band, non-numeric values, or (when both are georeferenced) another grid or CRS.
+
+    ``role`` is what ``image`` is called in the messages (``"image"``; ``"output"`` in scoring).
+    """
     _, h, w = image.shape
     lc, lh, lw = labels.shape
     if (lh, lw) != (h, w):
         raise InputError(
-            f"the labels '{labels.name}' are {lh} x {lw} px but the image '{image.name}' is "
-            f"{h} x {w}; the label raster must cover the image pixel for pixel. Resample it onto "
-            f"the image's grid first (e.g. gdalwarp -r near -ts {w} {h} with the image's extent)."
+            f"the labels '{labels.name}' are {lh} x {lw} px but the {role} '{image.name}' is "
+            f"{h} x {w}; the label raster must cover the {role} pixel for pixel. Resample it onto "
+            f"the {role}'s grid first (e.g. gdalwarp -r near -ts {w} {h} with the {role}'s "
+            f"extent)."
         )
     if lc != 1:
         raise InputError(
@@ -276,27 +290,27 @@ def _check_pair(image: _Raster, labels: _Raster) -> None:
         )
     if image.dtype.kind not in "uifb":
         raise InputError(
-            f"the image '{image.name}' holds {image.dtype} pixels; shards take integer or "
+            f"the {role} '{image.name}' holds {image.dtype} pixels; shards take integer or "
             f"floating-point images."
         )
     if image.transform is not None and labels.transform is not None:
         if not _same_grid(image.transform, labels.transform):
             raise InputError(
-                f"the labels '{labels.name}' lie on another grid than the image "
+                f"the labels '{labels.name}' lie on another grid than the {role} "
                 f"'{image.name}': transform {labels.transform[:6]} against "
-                f"{image.transform[:6]}. Warp the labels onto the image's grid first "
-                f"(gdalwarp -r near with the image's extent and resolution)."
+                f"{image.transform[:6]}. Warp the labels onto the {role}'s grid first "
+                f"(gdalwarp -r near with the {role}'s extent and resolution)."
             )
         codes = (image.crs.get("proj:code"), labels.crs.get("proj:code"))
         if all(codes) and codes[0] != codes[1]:
             raise InputError(
-                f"the labels '{labels.name}' are in {codes[1]} but the image '{image.name}' in "
-                f"{codes[0]}; warp the labels to the image's CRS and grid first "
+                f"the labels '{labels.name}' are in {codes[1]} but the {role} '{image.name}' in "
+                f"{codes[0]}; warp the labels to the {role}'s CRS and grid first "
                 f"(gdalwarp -t_srs {codes[0]} -r near)."
             )
 
 
-def _as_ids(block: np.ndarray, labels: _Raster, y0: int, x0: int) -> np.ndarray:
+def label_ids(block: np.ndarray, labels: Raster, y0: int, x0: int) -> np.ndarray:
     """A block of the label raster as int64 ids; refuses fractions and negative values."""
     values = block[0]
     if labels.nodata is not None:
@@ -332,7 +346,7 @@ class _Scan:
     separated_cells: int = 0  # cell pixels once touching cells are parted (unet_targets' gaps)
 
 
-def _scan(labels: _Raster, gaps: bool = False) -> _Scan:
+def _scan(labels: Raster, gaps: bool = False) -> _Scan:
     """Every label pixel, checked once before anything is written; with ``gaps``, also the cell
     pixels left once touching cells are parted (read with one row more on each side, so that
     the gaps are the whole image's)."""
@@ -342,7 +356,7 @@ def _scan(labels: _Raster, gaps: bool = False) -> _Scan:
     for y0 in range(0, h, rows):
         y1 = min(h, y0 + rows)
         top, bottom = (max(0, y0 - 1), min(h, y1 + 1)) if gaps else (y0, y1)
-        ids = _as_ids(labels.read(top, bottom, 0, w), labels, top, 0)
+        ids = label_ids(labels.read(top, bottom, 0, w), labels, top, 0)
         if gaps:
             cells = np.maximum(ids, 0)
             kept = (cells > 0) & ~touching_cells(cells)
@@ -469,9 +483,9 @@ def cut_shards(
         )
     nworkers = workers or max(1, min(4, os.cpu_count() or 1))
 
-    source = _open(image_path, "image")
+    source = open_raster(image_path, "image")
     try:
-        target = _open(labels_path, "labels")
+        target = open_raster(labels_path, "labels")
         try:
             settings = _Settings(
                 size, chunk, kind, ignore_index, keep_empty, nworkers, float(w0), float(sigma)
@@ -497,8 +511,8 @@ class _Settings:
 
 
 def _cut(
-    image: _Raster,
-    labels: _Raster,
+    image: Raster,
+    labels: Raster,
     folder: Path,
     stem: str,
     earlier: Sequence[Path],
@@ -507,7 +521,7 @@ def _cut(
 ) -> CutReport:
     size, chunk, kind = settings.size, settings.chunk, settings.kind
     ignore_index, keep_empty = settings.ignore_index, settings.keep_empty
-    _check_pair(image, labels)
+    check_pair(image, labels)
     scan = _scan(labels, gaps=kind == "unet")
     notes: list[str] = []
     class_weights = (1.0, 1.0)
@@ -561,7 +575,7 @@ def _cut(
         """The shard's classes and weights, from its cells and ``reach`` px around them."""
         top, left = max(0, y0 - reach), max(0, x0 - reach)
         bottom, right = min(h, y1 + reach), min(w, x1 + reach)
-        cells = np.maximum(_as_ids(labels.read(top, bottom, left, right), labels, top, left), 0)
+        cells = np.maximum(label_ids(labels.read(top, bottom, left, right), labels, top, left), 0)
         # Renumbered 1..n (0 stays the background): the weight map indexes cells by id.
         found, compact = np.unique(cells, return_inverse=True)
         compact = compact.reshape(cells.shape) + (0 if found[0] == 0 else 1)
@@ -581,7 +595,7 @@ def _cut(
             counts = np.bincount(out.ravel(), minlength=2)
             local, local_ignored = {k: int(n) for k, n in enumerate(counts) if n}, 0
         elif kind == "classes":
-            ids = _as_ids(labels.read(y0, y1, x0, x1), labels, y0, x0)
+            ids = label_ids(labels.read(y0, y1, x0, x1), labels, y0, x0)
             unlabelled = ids < 0
             if image.nodata is not None:
                 unlabelled |= nodata_pixels(pixels, image.nodata)
@@ -593,7 +607,7 @@ def _cut(
             local = {k: int(n) for k, n in enumerate(counts) if n}
             local_ignored = int((~labelled).sum())
         else:
-            ids = _as_ids(labels.read(y0, y1, x0, x1), labels, y0, x0)
+            ids = label_ids(labels.read(y0, y1, x0, x1), labels, y0, x0)
             out = np.maximum(ids, 0).astype(label_dtype)
             local, local_ignored = {}, 0
         shard_name = f"{stem}-{r:0{digits}d}-{cc:0{digits}d}.zarr"

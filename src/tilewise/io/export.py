@@ -44,7 +44,7 @@ from tilewise.errors import (
 from tilewise.pipeline.pyramid import downsample_mean, downsample_mode
 from tilewise.pipeline.stores import _ome_multiscales, is_url, local_path, open_node
 
-__all__ = ["PALETTE", "ExportReport", "check_cog_layout", "export"]
+__all__ = ["PALETTE", "ExportReport", "check_cog_layout", "export", "open_output"]
 
 TILE = 512
 # Bytes of one window read from the Zarr and written to the GTiff: bounds export memory.
@@ -192,32 +192,48 @@ def _done_units(location: str, options: dict[str, Any] | None) -> int:
         return 0
 
 
-def _open_source(src: str, what: str, options: dict[str, Any] | None) -> _Source:
+def open_output(
+    src: str, what: str, options: dict[str, Any] | None, verb: str = "export"
+) -> _Source:
+    """The ``what`` image (``"labels"`` or ``"probabilities"``) of the finished output ``src``.
+
+    ``verb`` is the command reading it, for the messages (``"export"``, ``"score"``).
+
+    Raises:
+        StoreNotFoundError: no output there, or it lacks ``what``.
+        InputError: not a tilewise output, or not complete.
+    """
     from tilewise.pipeline.output import OUTPUT_FIX, output_state
 
     location = local_path(src).rstrip("/")
     root = open_node(location, "r", options, "output", OUTPUT_FIX)
-    state = output_state(root, location, "export reads")
+    state = output_state(root, location, f"{verb} reads")
     status = state.get("status")
     if status != "complete":
         raise InputError(
             f"output '{location}' is not complete (status '{status}', "
             f"{_done_units(location, options)} units written), so it has unwritten pixels; "
-            f"run the same job again (`tilewise run JOB.yaml`) to finish it, then export."
+            f"run the same job again (`tilewise run JOB.yaml`) to finish it, then {verb}."
         )
     # Looked up by name: listing the group's members warns about the .tilewise folder.
     names = [n for n in ("labels", "probabilities") if n in root]
     if what not in names:
         job_key = f"output.{what}"
+        fix = (
+            f"export another image, or set {job_key} in the job and run it again"
+            if verb == "export"
+            else f"{verb} reads the '{what}' image: set {job_key} in the job and run it again "
+            f"(an instance architecture's job writes none; its instances/ are objects)"
+        )
         raise StoreNotFoundError(
             f"output '{location}' has no '{what}' image (it has: {', '.join(names) or 'none'}); "
-            f"export another image, or set {job_key} in the job and run it again."
+            f"{fix}."
         )
     group: Any = root[what]
     if not isinstance(group, zarr.Group):
         raise InputError(
             f"'{what}' in output '{location}' is an array, not an OME-Zarr image group; "
-            f"export reads outputs that `tilewise run` writes."
+            f"{verb} reads outputs that `tilewise run` writes."
         )
     image_attrs = dict(group.attrs)
     multiscales = _ome_multiscales(image_attrs) or []
@@ -724,7 +740,7 @@ def export(
             f"'{dst}' exists and is left as it is; use --overwrite to replace it, or choose "
             f"another file name."
         )
-    source = _open_source(src, what, storage_options)
+    source = open_output(src, what, storage_options)
     arr = source.levels[0]
     report = ExportReport(
         source=source.location,

@@ -1,0 +1,287 @@
+"""tilewise score: the FCN metrics of an output against a reference label raster, streamed.
+
+Every count is checked against a confusion matrix and metrics computed here with numpy from the
+two whole images (read back with zarr and written with rasterio / PIL), never against the
+scorer's own output.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import zarr
+from affine import Affine
+from PIL import Image
+
+from tests.conftest import write_input
+from tests.reference import whole_image
+from tilewise import models
+from tilewise.errors import InputError, StoreNotFoundError
+from tilewise.io import score as score_module
+from tilewise.io.score import score
+from tilewise.pipeline.output import OutputLayout, OutputStore
+
+H, W, K = 300, 420, 3
+NAMES = ["background", "tumour", "stroma"]
+TRANSFORM = [10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0]
+NODATA = 250
+
+
+def _write_output(
+    path: Path,
+    labels: np.ndarray,
+    *,
+    geo: bool = True,
+    finish: bool = True,
+    with_labels: bool = True,
+) -> None:
+    """An output in the layout `tilewise run` writes (the pipeline's own OutputStore)."""
+    store = OutputStore(str(path))
+    layout = OutputLayout(
+        height=labels.shape[0],
+        width=labels.shape[1],
+        num_classes=K,
+        chunk=64,
+        shard=None,
+        labels="uint8" if with_labels else None,
+        probabilities=None if with_labels else "float16",
+        compressor="zstd",
+        scale=None,
+        class_names=NAMES,
+    )
+    carried = {"proj:code": "EPSG:32633", "spatial:transform": TRANSFORM} if geo else {}
+    store.prepare(
+        layout,
+        fingerprint="f",
+        job={"model": {"num_classes": K, "class_names": NAMES}},
+        carried=carried,
+        overwrite=True,
+    )
+    if with_labels:
+        store.group()["labels/0"][:] = labels
+    if finish:
+        store.finish({})
+
+
+def _write_reference(path: Path, values: np.ndarray, **profile: Any) -> None:
+    """A one-band GeoTIFF on the output's grid (what a GIS exports); ``profile`` overrides."""
+    meta: dict[str, Any] = {
+        "driver": "GTiff",
+        "height": values.shape[-2],
+        "width": values.shape[-1],
+        "count": 1 if values.ndim == 2 else values.shape[0],
+        "dtype": values.dtype,
+        "crs": "EPSG:32633",
+        "transform": Affine(*TRANSFORM),
+        "nodata": NODATA,
+        "tiled": True,
+        "blockxsize": 128,
+        "blockysize": 128,
+    }
+    meta.update(profile)
+    with rasterio.open(path, "w", **meta) as dst:
+        dst.write(values if values.ndim == 3 else values[None])
+
+
+def _expected(pred: np.ndarray, truth: np.ndarray, counted: np.ndarray) -> dict[str, Any]:
+    """The confusion matrix and the FCN paper's metrics, from the two whole images."""
+    t, p = truth[counted].astype(np.int64), pred[counted].astype(np.int64)
+    n = np.bincount(K * t + p, minlength=K * K).reshape(K, K)
+    diag, rows, cols = np.diag(n), n.sum(1), n.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iu = diag / (rows + cols - diag)
+        acc = diag / rows
+    return {
+        "counts": n,
+        "pixel_accuracy": diag.sum() / n.sum(),
+        "mean_accuracy": np.nanmean(acc),
+        "mean_iu": np.nanmean(iu),
+        "frequency_weighted_iu": (rows * np.nan_to_num(iu)).sum() / rows.sum(),
+    }
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """An output, and a reference that differs from it in 20 % of its pixels, has a no-data
+    block and some pixels of ignore index 255."""
+    root = tmp_path_factory.mktemp("score")
+    rng = np.random.default_rng(4)
+    pred = rng.integers(0, K, (H // 30 + 1, W // 30 + 1)).repeat(30, 0).repeat(30, 1)[:H, :W]
+    pred = pred.astype(np.uint8)
+    truth = pred.copy()
+    flip = rng.random((H, W)) < 0.2
+    truth[flip] = rng.integers(0, K, int(flip.sum()))
+    truth[truth == 2] = np.where(rng.random(int((truth == 2).sum())) < 0.3, 1, 2)  # class bias
+    truth[40:90, 100:260] = NODATA
+    truth[200:203, :] = 255
+    _write_output(root / "out.zarr", pred)
+    _write_reference(root / "truth.tif", truth)
+    return {"root": root, "pred": pred, "truth": truth}
+
+
+def _check(report: Any, expected: dict[str, Any]) -> None:
+    assert np.array_equal(report.confusion.counts, expected["counts"])
+    data = report.to_dict()
+    for key in ("pixel_accuracy", "mean_accuracy", "mean_iu", "frequency_weighted_iu"):
+        assert data[key] == pytest.approx(expected[key], rel=1e-12), key
+
+
+@pytest.mark.parametrize(("block_pixels", "workers"), [(64 * 64, 3), (1 << 22, 1)])
+def test_metrics_equal_the_whole_images_compared_at_once(
+    made: dict[str, Any], monkeypatch: pytest.MonkeyPatch, block_pixels: int, workers: int
+) -> None:
+    """Many small blocks on three threads, or a band of chunks at a time: the same counts as
+    the whole images, no-data and the ignore index left out."""
+    monkeypatch.setattr(score_module, "BLOCK_PIXELS", block_pixels)
+    pred, truth = made["pred"], made["truth"]
+    report = score(
+        str(made["root"] / "out.zarr"),
+        str(made["root"] / "truth.tif"),
+        ignore_index=255,
+        workers=workers,
+    )
+    counted = (truth != NODATA) & (truth != 255)
+    _check(report, _expected(pred, truth, counted))
+    assert report.nodata_pixels == int((truth == NODATA).sum())
+    assert report.ignored_pixels == int((truth == 255).sum())
+    assert report.counted_pixels == int(counted.sum())
+    assert report.blocks > 20 if block_pixels == 64 * 64 else report.blocks == -(-H // 64)
+    assert report.to_dict()["mean_iu"] < 0.9  # the reference really differs
+
+
+def test_a_png_reference_without_georeferencing(made: dict[str, Any], tmp_path: Path) -> None:
+    """A label PNG from an annotation tool (no grid to compare, read in order by one thread)."""
+    truth = made["truth"].copy()
+    truth[truth == NODATA] = 255
+    Image.fromarray(truth).save(tmp_path / "truth.png")
+    report = score(str(made["root"] / "out.zarr"), str(tmp_path / "truth.png"), ignore_index=255)
+    _check(report, _expected(made["pred"], truth, truth != 255))
+    assert report.workers == 1 and report.nodata_pixels == 0
+
+
+def test_the_cli_prints_the_metrics_and_json(
+    made: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tilewise.cli import main
+
+    out, ref = str(made["root"] / "out.zarr"), str(made["root"] / "truth.tif")
+    assert main(["score", out, ref, "--ignore-index", "255", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    truth = made["truth"]
+    expected = _expected(made["pred"], truth, (truth != NODATA) & (truth != 255))
+    assert data["confusion"]["counts"] == expected["counts"].tolist()
+    assert [row["name"] for row in data["per_class"]] == NAMES
+    assert [row["reference_pixels"] for row in data["per_class"]] == list(expected["counts"].sum(1))
+    assert main(["score", out, ref, "--ignore-index", "255"]) == 0
+    text = capsys.readouterr().out
+    assert f"mean IU {expected['mean_iu']:.4f}" in text
+    assert f"pixel accuracy {expected['pixel_accuracy']:.4f}" in text
+    assert "1 tumour" in text and "confusion (rows: reference, columns: output)" in text
+
+    # 255 is not a class of this model: without --ignore-index that is one line, with the fix.
+    assert main(["score", out, ref]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "hold class 255 at row 200, column 0" in err and "--ignore-index 255" in err
+
+
+def _mistakes(made: dict[str, Any], tmp: Path) -> list[tuple[str, str, str, str]]:
+    """(what, output, labels, part of the message) for each mistake a user can make."""
+    truth, pred = made["truth"], made["pred"]
+    _write_reference(tmp / "small.tif", truth[:-10])
+    _write_reference(tmp / "bands.tif", np.stack([truth, truth]))
+    _write_reference(
+        tmp / "shifted.tif", truth, transform=Affine(*TRANSFORM) @ Affine.translation(3, 0)
+    )
+    _write_reference(tmp / "utm34.tif", truth, crs="EPSG:32634")
+    _write_reference(tmp / "fraction.tif", truth.astype(np.float32) + 0.5, nodata=None)
+    _write_output(tmp / "unfinished.zarr", pred, finish=False)
+    _write_output(tmp / "probs_only.zarr", pred, with_labels=False)
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(tmp / "scene.png")
+    from tilewise.io.ingest import ingest
+
+    ingest(str(tmp / "scene.png"), str(tmp / "scene.zarr"))
+    out, ref = str(made["root"] / "out.zarr"), str(made["root"] / "truth.tif")
+    return [
+        ("size", out, str(tmp / "small.tif"), f"are {H - 10} x {W} px but the output"),
+        ("bands", out, str(tmp / "bands.tif"), "have 2 bands; a label raster has one band"),
+        ("grid", out, str(tmp / "shifted.tif"), "lie on another grid than the output"),
+        ("crs", out, str(tmp / "utm34.tif"), "are in EPSG:32634 but the output"),
+        ("fraction", out, str(tmp / "fraction.tif"), "labels are whole-number ids"),
+        ("unfinished", str(tmp / "unfinished.zarr"), ref, "is not complete"),
+        ("no labels", str(tmp / "probs_only.zarr"), ref, "set output.labels in the job"),
+        ("an input", str(tmp / "scene.zarr"), ref, "is an image that `tilewise ingest` wrote"),
+        ("no output", str(tmp / "none.zarr"), ref, "run its job first"),
+        ("no labels file", out, str(tmp / "none.tif"), "does not exist; check the path"),
+    ]
+
+
+def test_each_mistake_is_one_line_that_says_what_and_how_to_fix_it(
+    made: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tilewise.cli import main
+
+    for what, out, ref, part in _mistakes(made, tmp_path):
+        assert main(["score", out, ref, "--ignore-index", "255"]) == 2, what
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (what, err)
+        assert part in err, (what, err)
+    with pytest.raises(StoreNotFoundError, match="does not exist"):
+        score(str(made["root"] / "out.zarr"), str(tmp_path / "none.tif"))
+    with pytest.raises(InputError, match="has 3 classes"):
+        score(str(made["root"] / "out.zarr"), str(made["root"] / "truth.tif"))
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_predict_job_scored_against_whole_image_inference(tmp_path: Path) -> None:
+    """The whole chain: a job on Ray, then its output scored against the labels of one forward
+    of the whole image (pixels whose arg-max is a near-tie marked no-data): every counted pixel
+    agrees, and a reference with known changes gives exactly the expected matrix."""
+    from tilewise.pipeline.driver import run_job
+    from tilewise.spec import parse_job
+
+    write_input(tmp_path / "in.zarr", shape=(3, 150, 190))
+    run_job(
+        parse_job(
+            {
+                "kind": "predict",
+                "name": "s",
+                "input": {"path": str(tmp_path / "in.zarr")},
+                "model": {
+                    "arch": "unet_same",
+                    "num_classes": 3,
+                    "seed": 3,
+                    "args": {"depth": 2, "base_width": 4},
+                },
+                "tiling": {"tile": 32},
+                "output": {"path": str(tmp_path / "out.zarr"), "labels": "uint8", "chunk": 64},
+            }
+        ),
+        progress=False,
+    )
+    image = zarr.open_array(tmp_path / "in.zarr", mode="r")[:].astype(np.float32) / 255
+    torch.manual_seed(3)
+    model = models.create("unet_same", in_channels=3, num_classes=3, depth=2, base_width=4)
+    scores = np.sort(whole_image(model, image, model.tiling), axis=0)
+    expected = np.argmax(whole_image(model, image, model.tiling), axis=0).astype(np.uint8)
+    clear = scores[-1] - scores[-2] > 1e-4
+    reference = np.where(clear, expected, NODATA).astype(np.uint8)
+    Image.fromarray(reference).save(tmp_path / "ref.png")  # no no-data in a PNG: use 250
+    same = score(str(tmp_path / "out.zarr"), str(tmp_path / "ref.png"), ignore_index=NODATA)
+    assert same.counted_pixels == int(clear.sum()) > 0.99 * 150 * 190
+    assert same.metrics["pixel_accuracy"] == 1.0
+    assert np.count_nonzero(same.confusion.counts - np.diag(np.diag(same.confusion.counts))) == 0
+
+    changed = reference.copy()
+    changed[clear & (expected == 0)] = 1  # every clear background pixel called class 1
+    Image.fromarray(changed).save(tmp_path / "changed.png")
+    report = score(str(tmp_path / "out.zarr"), str(tmp_path / "changed.png"), ignore_index=NODATA)
+    n = _expected(expected, changed, clear)["counts"]
+    assert np.array_equal(report.confusion.counts, n)
+    assert n[1, 0] == int((clear & (expected == 0)).sum()) > 0
