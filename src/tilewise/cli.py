@@ -106,9 +106,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from tilewise.io.score import score
+    from tilewise.io.score import JobScoreReport, ScoreReport, score, score_job
 
-    report = score(args.output, args.labels, ignore_index=args.ignore_index, workers=args.workers)
+    report: ScoreReport | JobScoreReport
+    if args.output.lower().endswith((".yaml", ".yml")):
+        report = score_job(
+            args.output, args.labels, ignore_index=args.ignore_index, workers=args.workers
+        )
+    else:
+        report = score(
+            args.output, args.labels, ignore_index=args.ignore_index, workers=args.workers
+        )
     print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
     return 0
 
@@ -478,11 +486,16 @@ def _parser() -> argparse.ArgumentParser:
         "score",
         help="the FCN metrics (pixel accuracy, mean IU, ...) of an output against reference labels",
     )
-    sco.add_argument("output", help="the output store of a predict job (OUT.zarr)")
+    sco.add_argument(
+        "output",
+        help="the output store of a predict job (OUT.zarr), or the job (JOB.yaml): every "
+        "image's output, and all of them together",
+    )
     sco.add_argument(
         "labels",
         help="the reference: one band of class ids, the output's size and grid (GeoTIFF, TIFF, "
-        "PNG or Zarr); its no-data pixels are not counted",
+        "PNG or Zarr); its no-data pixels are not counted. With JOB.yaml, {stem} stands for "
+        "each image's name (truth/{stem}.tif)",
     )
     sco.add_argument(
         "--ignore-index",

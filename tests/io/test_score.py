@@ -285,3 +285,69 @@ def test_a_predict_job_scored_against_whole_image_inference(tmp_path: Path) -> N
     n = _expected(expected, changed, clear)["counts"]
     assert np.array_equal(report.confusion.counts, n)
     assert n[1, 0] == int((clear & (expected == 0)).sum()) > 0
+
+
+def _job_over_two_images(tmp_path: Path) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """A predict job over a glob of two images, their outputs (as `tilewise run` lays them out)
+    and a reference GeoTIFF for each, truth/{stem}.tif."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "truth").mkdir()
+    rng = np.random.default_rng(7)
+    pairs = {}
+    for stem, (h, w) in {"a": (130, 170), "b": (90, 210)}.items():
+        write_input(tmp_path / "in" / f"{stem}.zarr", shape=(3, h, w))
+        pred = rng.integers(0, K, (h, w)).astype(np.uint8)
+        truth = np.where(rng.random((h, w)) < 0.7, pred, rng.integers(0, K, (h, w)))
+        truth = truth.astype(np.uint8)
+        truth[:5] = NODATA
+        _write_output(tmp_path / "out" / f"{stem}.seg.zarr", pred)
+        _write_reference(tmp_path / "truth" / f"{stem}.tif", truth)
+        pairs[stem] = (pred, truth)
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "kind: predict\n"
+        "input: {path: in/*.zarr}\n"
+        "model: {arch: unet_same, num_classes: 3, args: {depth: 2, base_width: 4}}\n"
+        "output: {path: 'out/{stem}.seg.zarr', labels: uint8}\n"
+    )
+    return job, pairs
+
+
+def test_a_job_over_many_images_is_scored_image_by_image_and_as_a_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The totals are the FCN paper's: the metrics of the summed matrix, not a mean of the
+    images' metrics."""
+    from tilewise.cli import main
+    from tilewise.io.score import score_job
+
+    job, pairs = _job_over_two_images(tmp_path)
+    report = score_job(str(job), str(tmp_path / "truth" / "{stem}.tif"))
+    assert [Path(r.output).name for r in report.images] == ["a.seg.zarr", "b.seg.zarr"]
+    for r, (pred, truth) in zip(report.images, pairs.values(), strict=True):
+        _check(r, _expected(pred, truth, truth != NODATA))
+    preds = np.concatenate([p.ravel() for p, _ in pairs.values()])
+    truths = np.concatenate([t.ravel() for _, t in pairs.values()])
+    expected = _expected(preds, truths, truths != NODATA)
+    _check(report, expected)
+    means = np.mean([r.to_dict()["mean_iu"] for r in report.images])
+    assert report.to_dict()["mean_iu"] != pytest.approx(means, rel=1e-9)
+
+    assert main(["score", str(job), str(tmp_path / "truth" / "{stem}.tif")]) == 0
+    text = capsys.readouterr().out
+    assert "all 2 images together" in text and f"mean IU {expected['mean_iu']:.4f}" in text
+
+    # Mistakes: one line each, before anything is counted.
+    (tmp_path / "truth" / "b.tif").unlink()
+    (tmp_path / "train.yaml").write_text(
+        "kind: train\ndata: {shards: [s/*.zarr]}\npatch: {size: 64}\n"
+        "model: {arch: unet_same, num_classes: 3}\nsteps: 1\n"
+    )
+    for argv, part in [
+        ([str(job), str(tmp_path / "truth.tif")], "put {stem} (each image's name) in the path"),
+        ([str(job), str(tmp_path / "truth" / "{stem}.tif")], "image 'b': labels '"),
+        ([str(tmp_path / "train.yaml"), "t.tif"], "score reads the outputs of a predict job"),
+    ]:
+        assert main(["score", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and part in err and "Traceback" not in err, err

@@ -25,18 +25,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tilewise.errors import ConfigError, InputError
+from tilewise.errors import ConfigError, InputError, TilewiseError
 from tilewise.io.cut import Raster, check_pair, label_ids, open_raster
 from tilewise.io.export import open_output
 from tilewise.io.ingest import _run
 from tilewise.metrics import ConfusionMatrix
 from tilewise.pipeline.stores import local_path
 
-__all__ = ["ScoreReport", "score"]
+__all__ = ["JobScoreReport", "ScoreReport", "metric_lines", "score", "score_job"]
 
 # Pixels per block read: whole output chunks up to about this many (int64 ids: 32 MB a block).
 BLOCK_PIXELS = 1 << 22
@@ -119,45 +120,51 @@ class ScoreReport:
 
     def lines(self) -> list[str]:
         """The report for people: totals, the FCN metrics, a table per class, the matrix."""
-
-        def f(value: float) -> str:
-            return "-" if math.isnan(value) else f"{value:.4f}"
-
-        m = self.metrics
         left_out = []
         if self.nodata_pixels:
             left_out.append(f"{self.nodata_pixels:,} no-data")
         if self.ignored_pixels:
             left_out.append(f"{self.ignored_pixels:,} of ignore index {self.ignore_index}")
-        out = [
+        return [
             f"scored '{self.output}' against '{self.labels}' ({self.height} x {self.width} px, "
             f"{len(self.class_names)} classes) in {self.seconds:.1f} s",
             f"counted {self.counted_pixels:,} px"
             + (f"; left out {', '.join(left_out)}" if left_out else ""),
-            f"pixel accuracy {f(m['pixel_accuracy'])}   mean accuracy {f(m['mean_accuracy'])}   "
-            f"mean IU {f(m['mean_iou'])}   frequency-weighted IU "
-            f"{f(m['frequency_weighted_iou'])}",
+            *metric_lines(self.confusion, self.class_names),
         ]
-        width = max([len("class"), *(len(f"{r['class']} {r['name']}") for r in self.per_class())])
+
+
+def metric_lines(confusion: ConfusionMatrix, class_names: list[str]) -> list[str]:
+    """The FCN metrics, a table per class and (up to 12 classes) the matrix, for people."""
+
+    def f(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:.4f}"
+
+    m = confusion.summary()
+    counts = confusion.counts
+    out = [
+        f"pixel accuracy {f(m['pixel_accuracy'])}   mean accuracy {f(m['mean_accuracy'])}   "
+        f"mean IU {f(m['mean_iou'])}   frequency-weighted IU {f(m['frequency_weighted_iou'])}",
+    ]
+    labels = [f"{i} {name}" for i, name in enumerate(class_names)]
+    width = max(len("class"), *(len(label) for label in labels))
+    out.append(
+        f"{'class':<{width}}  {'reference px':>14}  {'predicted px':>14}  "
+        f"{'accuracy':>8}  {'IoU':>6}  {'Dice':>6}"
+    )
+    for i, label in enumerate(labels):
         out.append(
-            f"{'class':<{width}}  {'reference px':>14}  {'predicted px':>14}  "
-            f"{'accuracy':>8}  {'IoU':>6}  {'Dice':>6}"
+            f"{label:<{width}}  {int(counts[i].sum()):>14,}  {int(counts[:, i].sum()):>14,}  "
+            f"{f(m[f'accuracy/{i}']):>8}  {f(m[f'iou/{i}']):>6}  {f(m[f'dice/{i}']):>6}"
         )
-        for r in self.per_class():
-            label = f"{r['class']} {r['name']}"
-            out.append(
-                f"{label:<{width}}  {r['reference_pixels']:>14,}  {r['predicted_pixels']:>14,}  "
-                f"{f(r['accuracy']):>8}  {f(r['iou']):>6}  {f(r['dice']):>6}"
-            )
-        k = len(self.class_names)
-        if k <= 12:
-            cell = max(8, *(len(f"{int(v):,}") for v in self.confusion.counts.ravel()))
-            out.append("confusion (rows: reference, columns: output)")
-            out.append(" " * 4 + "".join(f"{j:>{cell + 2}}" for j in range(k)))
-            for i in range(k):
-                row = "".join(f"{int(v):>{cell + 2},}" for v in self.confusion.counts[i])
-                out.append(f"{i:>4}{row}")
-        return out
+    k = len(class_names)
+    if k <= 12:
+        cell = max(8, *(len(f"{int(v):,}") for v in counts.ravel()))
+        out.append("confusion (rows: reference, columns: output)")
+        out.append(" " * 4 + "".join(f"{j:>{cell + 2}}" for j in range(k)))
+        for i in range(k):
+            out.append(f"{i:>4}" + "".join(f"{int(v):>{cell + 2},}" for v in counts[i]))
+    return out
 
 
 def _output_raster(
@@ -205,6 +212,95 @@ def _blocks(h: int, w: int, chunk: tuple[int, int], whole_rows: bool) -> list[tu
     ]
 
 
+def _check_settings(ignore_index: int | None, workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise ConfigError(f"workers must be at least 1; got {workers}.")
+    if ignore_index is not None and ignore_index < 0:
+        raise ConfigError(
+            f"ignore_index is a label value, 0 or more; got {ignore_index}. Use e.g. 255, or "
+            f"leave it out when only the labels' no-data marks unlabelled pixels."
+        )
+
+
+@dataclass
+class _Pair:
+    """An output's class map and its reference, checked to fit together."""
+
+    predicted: Raster
+    reference: Raster
+    class_names: list[str]
+    num_classes: int
+    chunk: tuple[int, int]
+
+
+def _open_pair(output: str, labels: str, options: dict[str, Any] | None) -> _Pair:
+    """Open and check the pair; the caller closes ``reference``."""
+    predicted, names, k, chunk = _output_raster(output, options)
+    reference = open_raster(local_path(str(labels)), "labels")
+    try:
+        check_pair(predicted, reference, role="output")
+    except BaseException:
+        reference.close()
+        raise
+    return _Pair(predicted, reference, names, k, chunk)
+
+
+def _count(
+    pair: _Pair, ignore_index: int | None, workers: int | None, started: float
+) -> ScoreReport:
+    """Every pixel of the pair, block by block on threads, into one confusion matrix."""
+    predicted, reference, k = pair.predicted, pair.reference, pair.num_classes
+    _, h, w = predicted.shape
+    nworkers = 1 if reference.sequential else workers or max(1, min(4, os.cpu_count() or 1))
+    blocks = _blocks(h, w, pair.chunk, whole_rows=reference.sequential)
+    total = ConfusionMatrix(k)
+    left_out = [0, 0]  # no-data, ignore_index
+    lock = threading.Lock()
+
+    def one(block: tuple[int, ...]) -> None:
+        y0, y1, x0, x1 = block
+        ids = label_ids(reference.read(y0, y1, x0, x1), reference, y0, x0)
+        pred = predicted.read(y0, y1, x0, x1)[0]
+        nodata = ids < 0
+        ignored = (ids == ignore_index) if ignore_index is not None else np.zeros_like(nodata)
+        counted = ~nodata & ~ignored
+        bad = counted & (ids >= k)
+        if bad.any():
+            y, x = (int(v) for v in np.argwhere(bad)[0])
+            hint = (
+                f" If {ids[y, x]} marks unlabelled pixels, give --ignore-index {ids[y, x]}."
+                if ignore_index is None
+                else ""
+            )
+            raise InputError(
+                f"the labels '{reference.name}' hold class {ids[y, x]} at row {y0 + y}, "
+                f"column {x0 + x}, but the output's model has {k} classes "
+                f"(0..{k - 1}); the reference must use the model's class ids.{hint}"
+            )
+        part = ConfusionMatrix(k).update(pred[counted], ids[counted])
+        with lock:
+            total.merge(part)
+            left_out[0] += int(nodata.sum())
+            left_out[1] += int(ignored.sum())
+
+    with reference.environment(nworkers):
+        _run([partial(one, b) for b in blocks], nworkers)
+    return ScoreReport(
+        output=predicted.name,
+        labels=reference.name,
+        height=h,
+        width=w,
+        class_names=pair.class_names,
+        confusion=total,
+        nodata_pixels=left_out[0],
+        ignored_pixels=left_out[1],
+        ignore_index=ignore_index,
+        seconds=time.perf_counter() - started,
+        blocks=len(blocks),
+        workers=nworkers,
+    )
+
+
 def score(
     output: str,
     labels: str,
@@ -237,65 +333,141 @@ def score(
         ConfigError: a setting is out of range.
     """
     started = time.perf_counter()
-    if workers is not None and workers < 1:
-        raise ConfigError(f"workers must be at least 1; got {workers}.")
-    if ignore_index is not None and ignore_index < 0:
-        raise ConfigError(
-            f"ignore_index is a label value, 0 or more; got {ignore_index}. Use e.g. 255, or "
-            f"leave it out when only the labels' no-data marks unlabelled pixels."
-        )
-    predicted, names, k, chunk = _output_raster(output, storage_options)
-    reference = open_raster(local_path(str(labels)), "labels")
+    _check_settings(ignore_index, workers)
+    pair = _open_pair(output, labels, storage_options)
     try:
-        check_pair(predicted, reference, role="output")
-        _, h, w = predicted.shape
-        nworkers = 1 if reference.sequential else workers or max(1, min(4, os.cpu_count() or 1))
-        blocks = _blocks(h, w, chunk, whole_rows=reference.sequential)
-        total = ConfusionMatrix(k)
-        left_out = [0, 0]  # no-data, ignore_index
-        lock = threading.Lock()
-
-        def one(block: tuple[int, ...]) -> None:
-            y0, y1, x0, x1 = block
-            ids = label_ids(reference.read(y0, y1, x0, x1), reference, y0, x0)
-            pred = predicted.read(y0, y1, x0, x1)[0]
-            nodata = ids < 0
-            ignored = (ids == ignore_index) if ignore_index is not None else np.zeros_like(nodata)
-            counted = ~nodata & ~ignored
-            bad = counted & (ids >= k)
-            if bad.any():
-                y, x = (int(v) for v in np.argwhere(bad)[0])
-                hint = (
-                    f" If {ids[y, x]} marks unlabelled pixels, give --ignore-index {ids[y, x]}."
-                    if ignore_index is None
-                    else ""
-                )
-                raise InputError(
-                    f"the labels '{reference.name}' hold class {ids[y, x]} at row {y0 + y}, "
-                    f"column {x0 + x}, but the output's model has {k} classes "
-                    f"(0..{k - 1}); the reference must use the model's class ids.{hint}"
-                )
-            part = ConfusionMatrix(k).update(pred[counted], ids[counted])
-            with lock:
-                total.merge(part)
-                left_out[0] += int(nodata.sum())
-                left_out[1] += int(ignored.sum())
-
-        with reference.environment(nworkers):
-            _run([partial(one, b) for b in blocks], nworkers)
+        return _count(pair, ignore_index, workers, started)
     finally:
-        reference.close()
-    return ScoreReport(
-        output=predicted.name,
-        labels=reference.name,
-        height=h,
-        width=w,
-        class_names=names,
+        pair.reference.close()
+
+
+@dataclass
+class JobScoreReport:
+    """The metrics of every output of a predict job, and of all of them together."""
+
+    job: str
+    labels: str  # the pattern, with {stem}
+    images: list[ScoreReport]
+    confusion: ConfusionMatrix
+    class_names: list[str]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """All images' reports and the totals (the metrics of the summed confusion matrix)."""
+        total = ScoreReport(
+            output=self.job,
+            labels=self.labels,
+            height=0,
+            width=0,
+            class_names=self.class_names,
+            confusion=self.confusion,
+            nodata_pixels=sum(r.nodata_pixels for r in self.images),
+            ignored_pixels=sum(r.ignored_pixels for r in self.images),
+            ignore_index=self.images[0].ignore_index,
+            seconds=self.seconds,
+        ).to_dict()
+        for key in ("output", "height", "width", "blocks", "workers"):
+            total.pop(key)
+        return {"job": self.job, **total, "images": [r.to_dict() for r in self.images]}
+
+    def lines(self) -> list[str]:
+        """A line per image, then the metrics of all images together."""
+        data = self.to_dict()
+
+        def f(value: float | None) -> str:
+            return "-" if value is None else f"{value:.4f}"
+
+        width = max(len("image"), *(len(Path(r.output).name) for r in self.images))
+        out = [
+            f"scored {len(self.images)} outputs of '{self.job}' against '{self.labels}' in "
+            f"{self.seconds:.1f} s",
+            f"{'image':<{width}}  {'counted px':>14}  {'pixel acc.':>10}  {'mean IU':>8}",
+        ]
+        for r in self.images:
+            d = r.to_dict()
+            out.append(
+                f"{Path(r.output).name:<{width}}  {r.counted_pixels:>14,}  "
+                f"{f(d['pixel_accuracy']):>10}  {f(d['mean_iu']):>8}"
+            )
+        out.append(f"all {len(self.images)} images together ({data['counted_pixels']:,} px):")
+        out += metric_lines(self.confusion, self.class_names)
+        return out
+
+
+def score_job(
+    job: str,
+    labels: str,
+    *,
+    ignore_index: int | None = None,
+    workers: int | None = None,
+) -> JobScoreReport:
+    """The FCN metrics of every output of a predict job, and of all of them together.
+
+    The totals are those of the summed confusion matrix, as the FCN paper scores a dataset
+    (not the mean of the images' metrics).
+
+    Args:
+        job: the predict job's YAML file; a job over many images scores each one's output.
+        labels: the reference of each image: a path in which ``{stem}`` stands for the image's
+            name (as in the job's ``output.path``), e.g. ``truth/{stem}.tif``.
+        ignore_index: a reference value that also marks unlabelled pixels (e.g. 255).
+        workers: reader threads (default: up to 4, one per CPU).
+
+    Returns:
+        A :class:`JobScoreReport`.
+
+    Raises:
+        ConfigError: the job is not a predict job, or ``labels`` has no ``{stem}`` for a job
+            over several images.
+        StoreNotFoundError, InputError: as :func:`score`, naming the image; every pair is
+            checked before any pixel is counted.
+    """
+    from tilewise.pipeline.job import expand_images, image_stem
+    from tilewise.spec import PredictJob, load_job
+
+    started = time.perf_counter()
+    _check_settings(ignore_index, workers)
+    spec = load_job(job)
+    if not isinstance(spec, PredictJob):
+        raise ConfigError(
+            f"'{job}' is a {spec.kind} job; score reads the outputs of a predict job. Give a "
+            f"predict job, or an output store (OUT.zarr)."
+        )
+    images = expand_images(spec)
+    if len(images) > 1 and "{stem}" not in labels:
+        raise ConfigError(
+            f"the job '{job}' has {len(images)} images, so the labels must name one file per "
+            f"image: put {{stem}} (each image's name) in the path, e.g. truth/{{stem}}.tif; "
+            f"got '{labels}'."
+        )
+    pairs = []
+    for image in images:
+        stem = image_stem(str(image.input.path))
+        reference = labels.replace("{stem}", stem)
+        try:
+            pair = _open_pair(image.output.path, reference, image.output.storage_options)
+        except TilewiseError as exc:
+            raise type(exc)(f"image '{stem}': {exc}") from None
+        pair.reference.close()  # opened again to count: a job can have many images
+        pairs.append((image, reference))
+    reports = [
+        score(
+            image.output.path,
+            reference,
+            ignore_index=ignore_index,
+            workers=workers,
+            storage_options=image.output.storage_options,
+        )
+        for image, reference in pairs
+    ]
+    total = ConfusionMatrix(reports[0].confusion.num_classes)
+    for report in reports:
+        total.merge(report.confusion)
+    return JobScoreReport(
+        job=str(job),
+        labels=labels,
+        images=reports,
         confusion=total,
-        nodata_pixels=left_out[0],
-        ignored_pixels=left_out[1],
-        ignore_index=ignore_index,
+        class_names=reports[0].class_names,
         seconds=time.perf_counter() - started,
-        blocks=len(blocks),
-        workers=nworkers,
     )
