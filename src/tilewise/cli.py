@@ -106,15 +106,27 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from tilewise.io.score import JobScoreReport, ScoreReport, score, score_job
+    from tilewise.errors import ConfigError
+    from tilewise.io import score as scoring
 
-    report: ScoreReport | JobScoreReport
-    if args.output.lower().endswith((".yaml", ".yml")):
-        report = score_job(
-            args.output, args.labels, ignore_index=args.ignore_index, workers=args.workers
+    if args.instances and args.ignore_index is not None:
+        raise ConfigError(
+            "--ignore-index is for class maps; with --instances the reference's no-data value "
+            "marks unlabelled pixels (set it on the raster, e.g. gdal_edit.py -a_nodata)."
         )
+    report: Any
+    if args.output.lower().endswith((".yaml", ".yml")):
+        report = scoring.score_job(
+            args.output,
+            args.labels,
+            ignore_index=args.ignore_index,
+            workers=args.workers,
+            instances=args.instances,
+        )
+    elif args.instances:
+        report = scoring.score_instances(args.output, args.labels, workers=args.workers)
     else:
-        report = score(
+        report = scoring.score(
             args.output, args.labels, ignore_index=args.ignore_index, workers=args.workers
         )
     print(json.dumps(report.to_dict()) if args.json else "\n".join(report.lines()))
@@ -501,6 +513,12 @@ def _parser() -> argparse.ArgumentParser:
         "--ignore-index",
         type=int,
         help="a reference value that marks unlabelled pixels, not counted (e.g. 255)",
+    )
+    sco.add_argument(
+        "--instances",
+        action="store_true",
+        help="the reference holds object ids (0 = background): match the output's instances/ "
+        "to them at IoU 0.5 to 0.95 (precision, recall, F1, panoptic quality)",
     )
     sco.add_argument("--workers", type=int, help="reader threads (default up to 4)")
     sco.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -8,6 +8,7 @@ scorer's own output.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -351,3 +352,160 @@ def test_a_job_over_many_images_is_scored_image_by_image_and_as_a_whole(
         assert main(["score", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and part in err and "Traceback" not in err, err
+
+
+# -- objects -----------------------------------------------------------------------------------
+
+
+def _brute_force(
+    pred: np.ndarray, ref: np.ndarray, valid: np.ndarray, thresholds: tuple[float, ...]
+) -> list[tuple[int, int, int, float]]:
+    """(TP, FP, FN, summed IoU of the matches) per threshold, from masks of every pair of objects
+    inside ``valid``: pairs at or above the threshold taken by IoU, each object once."""
+    pred, ref = np.where(valid, pred, 0), np.where(valid, ref, 0)
+    p_ids, r_ids = np.unique(pred[pred > 0]), np.unique(ref[ref > 0])
+    pairs = []
+    for p in p_ids:
+        pm = pred == p
+        for r in np.unique(ref[pm & (ref > 0)]):
+            rm = ref == r
+            pairs.append(((pm & rm).sum() / (pm | rm).sum(), int(p), int(r)))
+    pairs.sort(key=lambda x: -x[0])
+    out = []
+    for t in thresholds:
+        used_p, used_r, total = set(), set(), 0.0
+        for iou, p, r in pairs:
+            if iou >= t and p not in used_p and r not in used_r:
+                used_p.add(p)
+                used_r.add(r)
+                total += iou
+        tp = len(used_p)
+        out.append((tp, len(p_ids) - tp, len(r_ids) - tp, total))
+    return out
+
+
+def _objects(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """Blobs of many sizes, numbered 1..N (connected components of smoothed noise)."""
+    from scipy import ndimage
+
+    noise = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=shape), 4)
+    return ndimage.label(noise > 0.35 * noise.std())[0]
+
+
+def test_object_matching_equals_a_brute_force_over_every_pair() -> None:
+    """Blocks of any shape summed into ObjectCounts give the whole images' matches."""
+    from scipy import ndimage
+
+    from tilewise.io.score import THRESHOLDS, ObjectCounts, match_objects
+
+    pred = _objects((160, 200), seed=1)
+    ref = ndimage.grey_dilation(pred, size=3) * (np.random.default_rng(2).random(pred.shape) > 0.1)
+    ref[ref % 7 == 3] = 0  # objects the output has and the reference lacks
+    ref[5:25, 150:190] = ref.max() + 1  # one the output lacks
+    valid = np.ones(pred.shape, bool)
+    valid[100:130, :60] = False
+    expected = _brute_force(pred, ref, valid, THRESHOLDS)
+    assert expected[0][0] > 10 and expected[0][1] > 0 and expected[0][2] > 0
+    assert expected[-1][0] < expected[0][0]  # the thresholds matter here
+    counts = ObjectCounts()
+    for ys, xs in [(slice(0, 70), slice(0, 200)), (slice(70, 160), slice(0, 33)),
+                   (slice(70, 160), slice(33, 200))]:  # fmt: skip
+        v = valid[ys, xs]
+        counts.add(pred[ys, xs][v], ref[ys, xs][v])
+    matches, n_pred, n_ref = match_objects(counts)
+    assert n_pred == len(np.unique(pred[valid & (pred > 0)]))
+    assert n_ref == len(np.unique(ref[valid & (ref > 0)]))
+    assert [(m.tp, m.fp, m.fn) for m in matches] == [e[:3] for e in expected]
+    assert [m.matched_iou for m in matches] == pytest.approx([e[3] for e in expected], rel=1e-12)
+    tp, fp, fn, iou = expected[0]
+    metrics = matches[0].metrics()
+    assert metrics["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    assert metrics["panoptic_quality"] == pytest.approx(iou / (tp + fp / 2 + fn / 2))
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_jobs_instances_scored_against_reference_objects(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real job with the instance stage; the reference is its objects with some removed, one
+    added, some grown, and a no-data block: the report equals the brute force on the arrays."""
+    from scipy import ndimage
+
+    from tilewise.cli import main
+    from tilewise.io.score import THRESHOLDS, score_instances
+    from tilewise.pipeline.driver import run_job
+    from tilewise.spec import parse_job
+
+    noise = ndimage.gaussian_filter(np.random.default_rng(1).normal(size=(3, 200, 240)), (0, 6, 6))
+    data = ((noise - noise.min()) / (noise.max() - noise.min()) * 255).astype(np.uint8)
+    zarr.create_array(tmp_path / "in.zarr", data=data, chunks=(3, 64, 64),
+                      dimension_names=("c", "y", "x"))  # fmt: skip
+    job = {
+        "kind": "predict",
+        "input": {"path": str(tmp_path / "in.zarr")},
+        "model": {"arch": "unet_same", "num_classes": 3, "args": {"depth": 2, "base_width": 4}},
+        "tiling": {"tile": 64},
+        "output": {
+            "path": str(tmp_path / "out.zarr"),
+            "chunk": 128,
+            "instances": {"halo": 256, "connectivity": 2},
+        },
+    }
+    run_job(parse_job(job), progress=False)
+    inst = zarr.open_group(tmp_path / "out.zarr", mode="r")["instances/0"][:]
+    assert inst.max() > 3
+    ref = ndimage.grey_dilation(inst, size=3).astype(np.int64)
+    ref[ref == 2] = 0
+    ref[0:10, 0:10] = ref.max() + 1
+    ref[150:170, 20:90] = NODATA
+    Image.fromarray(ref.astype(np.uint16)).save(tmp_path / "ref.png")
+    with warnings.catch_warnings():  # a PNG has no georeferencing, and that is expected here
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(tmp_path / "ref.png", "r+") as png:  # no-data, as GDAL keeps it
+            png.nodata = NODATA
+    valid = ref != NODATA
+    expected = _brute_force(inst, ref, valid, THRESHOLDS)
+    report = score_instances(str(tmp_path / "out.zarr"), str(tmp_path / "ref.png"))
+    assert [(m.tp, m.fp, m.fn) for m in report.matches] == [e[:3] for e in expected]
+    assert report.nodata_pixels == int((~valid).sum())
+    assert report.output_objects == len(np.unique(inst[valid & (inst > 0)]))
+
+    assert main(["score", str(tmp_path / "out.zarr"), str(tmp_path / "ref.png"),
+                 "--instances", "--json"]) == 0  # fmt: skip
+    data = json.loads(capsys.readouterr().out)
+    assert data["matches"][0]["tp"] == expected[0][0]
+    assert data["dsb2018_score"] == pytest.approx(
+        np.mean([tp / (tp + fp + fn) for tp, fp, fn, _ in expected])
+    )
+    for argv, part in [
+        (["--instances", "--ignore-index", "0"], "--ignore-index is for class maps"),
+        ([], "scored with --instances"),  # object ids are not the model's 3 classes
+    ]:
+        assert main(["score", str(tmp_path / "out.zarr"), str(tmp_path / "ref.png"), *argv]) == 2
+        err = capsys.readouterr().err
+        assert part in err and err.count("\n") == 1, err
+
+
+def test_a_jobs_objects_are_summed_over_its_images(tmp_path: Path) -> None:
+    """`score JOB --instances`: every image's matches, and their sums for the whole job."""
+    from tilewise.io.score import THRESHOLDS, score_job
+
+    job, pairs = _job_over_two_images(tmp_path)
+    expected_total = np.zeros((len(THRESHOLDS), 3), np.int64)
+    per_image = []
+    for k, (stem, (pred, _)) in enumerate(pairs.items()):
+        objects = _objects(pred.shape, seed=10 + k).astype(np.uint32)
+        reference = np.roll(objects, 2, axis=1).astype(np.uint16)
+        reference[reference % 5 == 1] = 0
+        root = zarr.open_group(tmp_path / "out" / f"{stem}.seg.zarr", mode="r+")
+        group = root.create_group("instances")  # as the instance stage leaves it, finished
+        group.create_array("0", data=objects, chunks=(64, 64))
+        group.attrs["tilewise"] = {"status": "complete"}
+        _write_reference(tmp_path / "truth" / f"{stem}.tif", reference, nodata=None)
+        brute = _brute_force(objects, reference, np.ones(objects.shape, bool), THRESHOLDS)
+        per_image.append([b[:3] for b in brute])
+        expected_total += np.array([b[:3] for b in brute])
+    report = score_job(str(job), str(tmp_path / "truth" / "{stem}.tif"), instances=True)
+    assert [[(m.tp, m.fp, m.fn) for m in r.matches] for r in report.images] == per_image
+    assert [(m.tp, m.fp, m.fn) for m in report.matches] == [tuple(t) for t in expected_total]
+    assert "all 2 images together" in "\n".join(report.lines())

@@ -195,7 +195,8 @@ def _done_units(location: str, options: dict[str, Any] | None) -> int:
 def open_output(
     src: str, what: str, options: dict[str, Any] | None, verb: str = "export"
 ) -> _Source:
-    """The ``what`` image (``"labels"`` or ``"probabilities"``) of the finished output ``src``.
+    """The ``what`` image (``"labels"``, ``"probabilities"`` or ``"instances"``) of the finished
+    output ``src``.
 
     ``verb`` is the command reading it, for the messages (``"export"``, ``"score"``).
 
@@ -216,15 +217,21 @@ def open_output(
             f"run the same job again (`tilewise run JOB.yaml`) to finish it, then {verb}."
         )
     # Looked up by name: listing the group's members warns about the .tilewise folder.
-    names = [n for n in ("labels", "probabilities") if n in root]
+    names = [n for n in ("labels", "probabilities", "instances") if n in root]
     if what not in names:
         job_key = f"output.{what}"
-        fix = (
-            f"export another image, or set {job_key} in the job and run it again"
-            if verb == "export"
-            else f"{verb} reads the '{what}' image: set {job_key} in the job and run it again "
-            f"(an instance architecture's job writes none; its instances/ are objects)"
-        )
+        if verb == "export":
+            fix = f"export another image, or set {job_key} in the job and run it again"
+        elif what == "instances":
+            fix = (
+                f"{verb} reads the objects the instance stage paints: set {job_key} in the job "
+                f"and run it again"
+            )
+        else:
+            fix = (
+                f"{verb} reads the '{what}' image: set {job_key} in the job and run it again "
+                f"(an instance architecture's job writes none; its instances/ are objects)"
+            )
         raise StoreNotFoundError(
             f"output '{location}' has no '{what}' image (it has: {', '.join(names) or 'none'}); "
             f"{fix}."
@@ -236,6 +243,14 @@ def open_output(
             f"{verb} reads outputs that `tilewise run` writes."
         )
     image_attrs = dict(group.attrs)
+    stage_state = image_attrs.get("tilewise")
+    stage = stage_state.get("status") if isinstance(stage_state, dict) else None
+    if what == "instances" and stage != "complete":
+        raise InputError(
+            f"output '{location}': its instance stage is not complete (status '{stage}'), so "
+            f"instances/ has unpainted objects; run the same job again (`tilewise run JOB.yaml`) "
+            f"to finish it, then {verb}."
+        )
     multiscales = _ome_multiscales(image_attrs) or []
     datasets = multiscales[0].get("datasets", []) if multiscales else []
     try:
