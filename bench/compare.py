@@ -24,7 +24,9 @@ for all: reference/performance.md), with the same torch threads:
 - **model-only** (with tilewise): the same forward passes as tilewise's run (window size and
   batch sizes), on random data already in memory: the ceiling for tilewise's throughput.
 
-The network is a seeded ``unet_same`` (depth 3, base width 8, 2 classes, seed 0) saved once to a
+The network is a seeded ``unet_same`` (by default depth 4, base width 16, 2 classes, seed 0:
+1,941,122 weights, halo 107 px, the "small U-Net" of the reference figures in
+``shared/reference/performance.md``; ``--model-args`` picks another) saved once to a
 safetensors file that every method loads. Each method's class-1 probability and labels are
 compared with whole-image inference: the whole image mirror-padded (numpy 'reflect') by the
 context, one forward pass, cropped; computed directly in a subprocess. Where that does not fit in
@@ -985,8 +987,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--model-args",
         type=parse_model_args,
-        default={"depth": 3, "base_width": 8},
-        help='unet_same arguments: JSON or k=v list (default "depth=3,base_width=8")',
+        default={"depth": 4, "base_width": 16},
+        help='unet_same arguments: JSON or k=v list (default "depth=4,base_width=16", the '
+        "reference's small U-Net of 1.95 M weights; depth=3,base_width=8 is 16x smaller)",
     )
     p.add_argument("--classes", type=int, default=2, help="classes of the network (>= 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the network's weights")

@@ -17,9 +17,10 @@ the input chunks decoded per unit are printed with the times.
 ``--where local`` (the default) runs the predictor in this process; ``--where ray`` in a Ray actor
 of an embedded cluster (Ray's own processes then share the cores, as in a real run).
 
-The job is bench/compare.py's: ``unet_same`` (depth 3, base width 8, seeded), tile 512, batch 4,
-1024 px units, uint8 labels and float16 probabilities with the default pyramid, or labels only at
-level 0 with ``--labels-only``. The mosaic is bench/large_mosaic.py's (made once, reused).
+The job is bench/compare.py's with ``--model-args depth=3,base_width=8``: ``unet_same``
+(seeded), tile 512, batch 4, 1024 px units, uint8 labels and float16 probabilities with the
+default pyramid, or labels only at level 0 with ``--labels-only``. The mosaic is
+bench/large_mosaic.py's (made once, reused).
 """
 
 from __future__ import annotations
