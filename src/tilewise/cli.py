@@ -106,14 +106,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from tilewise.errors import ConfigError
     from tilewise.io import score as scoring
 
-    if args.instances and args.ignore_index is not None:
-        raise ConfigError(
-            "--ignore-index is for class maps; with --instances the reference's no-data value "
-            "marks unlabelled pixels (set it on the raster, e.g. gdal_edit.py -a_nodata)."
-        )
+    scoring.check_settings(args.ignore_index, args.workers, args.instances)
     report: Any
     if args.output.lower().endswith((".yaml", ".yml")):
         report = scoring.score_job(

@@ -24,8 +24,8 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ __all__ = [
     "ObjectCounts",
     "ObjectMatch",
     "ScoreReport",
+    "check_settings",
     "match_objects",
     "metric_lines",
     "score",
@@ -72,11 +73,11 @@ class ScoreReport:
     seconds: float = 0.0
     blocks: int = 0
     workers: int = 1
-    metrics: dict[str, float] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        if not self.metrics:
-            self.metrics = self.confusion.summary()
+    @cached_property
+    def metrics(self) -> dict[str, float]:
+        """:meth:`ConfusionMatrix.summary` of the counts: the FCN four, Dice, per class."""
+        return self.confusion.summary()
 
     @property
     def counted_pixels(self) -> int:
@@ -225,7 +226,14 @@ def _blocks(h: int, w: int, chunk: tuple[int, int], whole_rows: bool) -> list[tu
     ]
 
 
-def _check_settings(ignore_index: int | None, workers: int | None) -> None:
+def check_settings(ignore_index: int | None, workers: int | None, instances: bool = False) -> None:
+    """Refuse settings out of range, or ``ignore_index`` with ``instances`` (objects have no
+    ignore value: the reference's no-data marks unlabelled pixels)."""
+    if instances and ignore_index is not None:
+        raise ConfigError(
+            "--ignore-index is for class maps; with --instances the reference's no-data value "
+            "marks unlabelled pixels (set it on the raster, e.g. gdal_edit.py -a_nodata)."
+        )
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be at least 1; got {workers}.")
     if ignore_index is not None and ignore_index < 0:
@@ -367,7 +375,7 @@ def score(
         ConfigError: a setting is out of range.
     """
     started = time.perf_counter()
-    _check_settings(ignore_index, workers)
+    check_settings(ignore_index, workers)
     pair = _open_pair(output, labels, storage_options)
     try:
         return _count(pair, ignore_index, workers, started)
@@ -406,10 +414,9 @@ class JobScoreReport:
 
     def lines(self) -> list[str]:
         """A line per image, then the metrics of all images together."""
-        data = self.to_dict()
 
-        def f(value: float | None) -> str:
-            return "-" if value is None else f"{value:.4f}"
+        def f(value: float) -> str:
+            return "-" if math.isnan(value) else f"{value:.4f}"
 
         width = max(len("image"), *(len(Path(r.output).name) for r in self.images))
         out = [
@@ -418,12 +425,11 @@ class JobScoreReport:
             f"{'image':<{width}}  {'counted px':>14}  {'pixel acc.':>10}  {'mean IU':>8}",
         ]
         for r in self.images:
-            d = r.to_dict()
             out.append(
                 f"{Path(r.output).name:<{width}}  {r.counted_pixels:>14,}  "
-                f"{f(d['pixel_accuracy']):>10}  {f(d['mean_iu']):>8}"
+                f"{f(r.metrics['pixel_accuracy']):>10}  {f(r.metrics['mean_iou']):>8}"
             )
-        out.append(f"all {len(self.images)} images together ({data['counted_pixels']:,} px):")
+        out.append(f"all {len(self.images)} images together ({self.confusion.total:,} px):")
         out += metric_lines(self.confusion, self.class_names)
         return out
 
@@ -456,7 +462,8 @@ class ObjectCounts:
         parts = {
             "pred": np.unique(pred[pred > 0], return_counts=True),
             "ref": np.unique(ref[ref > 0], return_counts=True),
-            # One int64 per pair: ids below 2**31 each (checked by the caller).
+            # One int64 per pair, for ids below 2**31: the caller checks the reference's; the
+            # output's are the instance stage's 1..N.
             "pairs": np.unique((pred[both] << 32) | ref[both], return_counts=True),
         }
         with self._lock:
@@ -706,7 +713,7 @@ def score_instances(
         StoreNotFoundError, InputError, ConfigError: as :func:`score`.
     """
     started = time.perf_counter()
-    _check_settings(None, workers)
+    check_settings(None, workers, instances=True)
     pair = _open_pair(output, labels, storage_options, what="instances")
     try:
         return _count_objects(pair, workers, started)
@@ -750,7 +757,7 @@ def score_job(
     from tilewise.spec import PredictJob, load_job
 
     started = time.perf_counter()
-    _check_settings(ignore_index, workers)
+    check_settings(ignore_index, workers, instances)
     spec = load_job(job)
     if not isinstance(spec, PredictJob):
         raise ConfigError(
