@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from tests.conftest import write_input
 from tilewise.demo import build_mosaic
 from tilewise.errors import InputError, StoreNotFoundError
 from tilewise.pipeline.output import OutputLayout, OutputStore
-from tilewise.pipeline.stores import InputImage
+from tilewise.pipeline.stores import Axes, InputImage
 
 
 def test_memory_url_group_with_array_path_in_yxc() -> None:
@@ -119,3 +120,85 @@ def test_a_damaged_chunk_is_an_input_error_that_names_where(
     assert np.array_equal(image.read(0, 64, 0, 128), data[:, :64])  # the other chunks read
     with pytest.raises(InputError, match=r"in\.zarr.*rows 32\.\.96, columns 60\.\.100.*damaged"):
         image.read(32, 96, 60, 100)
+
+
+def _ome5d(path: Path, data: np.ndarray, chunks: tuple[int, ...]) -> None:
+    """An NGFF 0.5 image with axes t, c, z, y, x holding ``data`` (5-D) as level 0."""
+    names = ["t", "c", "z", "y", "x"]
+    types = ["time", "channel", "space", "space", "space"]
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": [{"name": n, "type": t} for n, t in zip(names, types, strict=True)],
+                "datasets": [
+                    {
+                        "path": "0",
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": [1.0, 1.0, 2.0, 0.25, 0.5]}
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    group.create_array("0", data=data, chunks=chunks)  # axis names from the metadata only
+
+
+@pytest.mark.parametrize("axes", [None, "cyx"])
+def test_a_5d_ome_zarr_with_singleton_t_and_z_reads_as_its_plane(
+    tmp_path: Path, axes: Axes | None
+) -> None:
+    rng = np.random.default_rng(2)
+    plane = rng.integers(0, 60000, (3, 53, 71)).astype(np.uint16)
+    _ome5d(tmp_path / "img.ome.zarr", plane[None, :, None], (1, 2, 1, 16, 20))
+    image = InputImage(str(tmp_path / "img.ome.zarr"), axes=axes)
+    assert image.axes == "cyx" and image.shape == (3, 53, 71) and image.scale == [0.25, 0.5]
+    assert image.block_shape == (16, 20)
+    assert np.array_equal(image.read(0, 53, 0, 71), plane)
+    image.keep_blocks(3)
+    for _ in range(30):
+        y0, y1 = (int(v) for v in sorted(rng.integers(0, 53, 2)))
+        x0, x1 = (int(v) for v in sorted(rng.integers(0, 71, 2)))
+        assert np.array_equal(
+            image.read(y0, y1 + 1, x0, x1 + 1), plane[:, y0 : y1 + 1, x0 : x1 + 1]
+        )
+
+
+def test_a_5d_ome_zarr_with_several_planes_names_the_axis(tmp_path: Path) -> None:
+    _ome5d(tmp_path / "img.ome.zarr", np.zeros((1, 3, 4, 20, 20), np.uint8), (1, 3, 1, 20, 20))
+    with pytest.raises(
+        InputError, match=r"'z' axis of length 4 .*only 2-D images.*array\[0, :, 0, :, :\]"
+    ):
+        InputImage(str(tmp_path / "img.ome.zarr"))
+    with pytest.raises(InputError, match=r"'z' axis of length 4"):
+        InputImage(str(tmp_path / "img.ome.zarr"), axes="cyx")
+
+
+def test_a_5d_array_without_axis_names_says_what_is_segmented(tmp_path: Path) -> None:
+    zarr.create_array(tmp_path / "a.zarr", data=np.zeros((1, 3, 1, 8, 8), np.uint8))
+    with pytest.raises(InputError, match=r"5-D input .*only 2-D images.*Name its axes"):
+        InputImage(str(tmp_path / "a.zarr"))
+
+
+def test_input_array_on_a_single_array_is_refused(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr")
+    with pytest.raises(
+        InputError, match=r"input\.array \('image'\).*single array; remove input\.array"
+    ):
+        InputImage(str(tmp_path / "in.zarr"), array="image")
+
+
+def test_a_tilewise_output_as_input_is_a_group_error_without_zarr_warnings(
+    tmp_path: Path,
+) -> None:
+    layout = OutputLayout(20, 30, 2, 16, None, "uint8", None, "zstd")
+    OutputStore(str(tmp_path / "out.zarr")).prepare(
+        layout, fingerprint="f", job={}, carried={}, overwrite=False
+    )
+    (tmp_path / "out.zarr/.tilewise/done").mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a leaked ZarrUserWarning fails the test
+        with pytest.raises(InputError, match=r"is a Zarr group, not an image"):
+            InputImage(str(tmp_path / "out.zarr"))

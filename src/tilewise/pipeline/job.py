@@ -6,6 +6,10 @@ It creates nothing, so a job that fails here leaves no output behind.
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,7 +27,7 @@ from tilewise.models.weights import load_state_file
 from tilewise.pipeline.engine import TilePlan, Unit
 from tilewise.pipeline.output import OutputLayout, fingerprint_of
 from tilewise.pipeline.pyramid import auto_levels
-from tilewise.pipeline.stores import InputImage, is_url
+from tilewise.pipeline.stores import InputImage, is_url, local_path
 from tilewise.pipeline.units import UnitGrid
 from tilewise.spec import NormalizeSpec, PredictJob, is_pattern
 
@@ -41,6 +45,8 @@ __all__ = [
 ]
 
 _AUTO_SCALE = {np.dtype("uint8"): 1 / 255, np.dtype("uint16"): 1 / 65535}
+
+log = logging.getLogger(__name__)
 
 
 class Normalizer:
@@ -109,9 +115,16 @@ def expand_images(job: PredictJob) -> list[PredictJob]:
     """One single-image job per image of ``job`` (a list or glob of images), in a fixed order.
 
     Each gets its own ``output.path`` (``{stem}`` filled in), mask path and run name; a job over
-    one image comes back as it is.
+    one image comes back as it is. A glob leaves out the matches that are this job's own
+    outputs (so that a rerun does not take them for images). Every output is checked to lie
+    apart from every input, mask and weights file, before anything is opened or written.
     """
     if not job.input.many:
+        if isinstance(job.input.path, list):  # a list of one image is that image
+            job = job.model_copy(
+                update={"input": job.input.model_copy(update={"path": job.input.path[0]})}
+            )
+        _check_apart([job])
         return [job]
     patterns = job.input.path if isinstance(job.input.path, list) else [job.input.path]
     locations: list[str] = []
@@ -122,6 +135,14 @@ def expand_images(job: PredictJob) -> list[PredictJob]:
                 f"input.path pattern '{pattern}' matches no image. Check the folder and the "
                 f"pattern (e.g. slides/*.ome.zarr)."
             )
+        if is_pattern(pattern):
+            found = _without_own_outputs(found, job)
+            if not found:
+                raise InputError(
+                    f"input.path pattern '{pattern}' matches only this job's own outputs "
+                    f"(output.path {job.output.path!r}), no image. Check the pattern, or put "
+                    f"the outputs in another folder."
+                )
         locations.extend(f for f in found if f not in locations)
     stems: dict[str, str] = {}
     jobs = []
@@ -148,7 +169,130 @@ def expand_images(job: PredictJob) -> list[PredictJob]:
                 }
             )
         )
+    _check_apart(jobs)
     return jobs
+
+
+def _normalised(location: str) -> str:
+    """A location as locations are compared: a local path resolved (``..``, symbolic links), a
+    URL as it is, without a trailing slash."""
+    if is_url(location) and not location.startswith("file://"):
+        return location.rstrip("/")
+    return os.path.realpath(local_path(location))
+
+
+def _lineage(location: str) -> list[Any]:
+    """Keys of a location and of each folder holding it, itself first.
+
+    A local path that exists is keyed by its device and inode, so that two spellings of one
+    folder match even where the normalised strings differ (a case-insensitive file system);
+    anything else by its normalised string.
+    """
+    path = _normalised(location)
+    url = is_url(path)
+    keys: list[Any] = []
+    while True:
+        key: Any = path
+        if not url:
+            try:
+                st = os.stat(path)
+                key = (st.st_dev, st.st_ino)
+            except OSError:
+                pass
+        keys.append(key)
+        parent = path.rsplit("/", 1)[0] if url else os.path.dirname(path)
+        if not parent or parent == path or parent.endswith(":/") or parent.endswith(":"):
+            return keys
+        path = parent
+
+
+def _check_apart(jobs: list[PredictJob]) -> None:
+    """Refuse outputs that are, hold, or lie inside an input, a mask, the weights file or another
+    image's output: creating the output, or replacing it with --overwrite, would destroy it."""
+    stems = [image_stem(str(j.input.path)) for j in jobs]
+    # What must survive: (its image's number, or None for the job's, what, location, lineage).
+    kept: list[tuple[int | None, str, str, list[Any]]] = []
+    for n, j in enumerate(jobs):
+        kept.append((n, "input", str(j.input.path), _lineage(str(j.input.path))))
+        mask = j.input.mask
+        if mask is not None and mask.path is not None:
+            kept.append((n, "mask", mask.path, _lineage(mask.path)))
+    weights = jobs[0].model.weights if jobs else None
+    if weights:
+        kept.append((None, "model.weights", weights, _lineage(weights)))
+    outputs: dict[Any, str] = {}
+    for n, j in enumerate(jobs):
+        stem = stems[n]
+        out = _lineage(j.output.path)
+        if out[0] in outputs:
+            raise ConfigError(
+                f"images '{outputs[out[0]]}' and '{stem}' would both write output "
+                f"'{j.output.path}'; each image needs its own output. Put {{stem}} in "
+                f"output.path, e.g. {{stem}}.seg.zarr."
+            )
+        outputs[out[0]] = stem
+        for owner, what, location, lineage in kept:
+            if lineage[0] == out[0]:
+                relation = "is"
+            elif lineage[0] in out[1:]:
+                relation = "lies inside"
+            elif out[0] in lineage[1:]:
+                relation = "holds"
+            else:
+                continue
+            if owner == n:
+                whose = f"its own {what}"
+            elif owner is None:
+                whose = what
+            else:
+                whose = f"the {what} of image '{stems[owner]}'"
+            where = "" if location == j.output.path else f" '{location}'"
+            example = f"{stem}.seg.zarr"
+            if len(jobs) > 1:
+                example = "{stem}.seg.zarr"
+            elif _normalised(j.output.path).endswith("/" + example):
+                example = f"{stem}.segmentation.zarr"
+            raise ConfigError(
+                f"output.path '{j.output.path}' of image '{stem}' {relation} {whose}{where}: an "
+                f"output must lie apart from every input, mask and weights file, since writing "
+                f"it (or replacing it with --overwrite) would destroy them. Choose another "
+                f"output.path, e.g. {example}."
+            )
+
+
+def _without_own_outputs(found: list[str], job: PredictJob) -> list[str]:
+    """The glob matches ``found`` less those that are outputs of ``job`` for some stem: Zarr
+    groups whose root attributes hold ``tilewise`` (what :class:`OutputStore` writes) at a
+    location ``output.path`` names. A folder of images with their outputs beside them
+    (``{stem}.seg.zarr``) is globbed again by every rerun."""
+    template = _normalised(job.output.path)
+    escaped = re.escape(template).replace(re.escape("{stem}"), "{stem}")
+    first, *rest = escaped.split("{stem}")
+    # The stem is one path part, the same wherever {stem} appears.
+    pattern = re.compile(first + "(?P<stem>[^/]+)" + "(?P=stem)".join(rest) + r"\Z")
+    kept = []
+    for location in found:
+        if pattern.match(_normalised(location)) and _is_tilewise_output(location, job):
+            log.info("input.path: leaving out %s, an output of this job", location)
+            continue
+        kept.append(location)
+    return kept
+
+
+def _is_tilewise_output(location: str, job: PredictJob) -> bool:
+    """Whether ``location`` is a Zarr group written by tilewise (``tilewise`` root attributes)."""
+    import zarr
+
+    from tilewise.pipeline.stores import open_node
+
+    try:
+        with warnings.catch_warnings():
+            # zarr warns about folders it does not know (an output's .tilewise/ record).
+            warnings.simplefilter("ignore")
+            node = open_node(location, "r", job.input.storage_options, "input")
+            return isinstance(node, zarr.Group) and "tilewise" in node.attrs
+    except Exception:  # not a Zarr store at all: an image the job should open (and judge)
+        return False
 
 
 def default_chunk(tile: int) -> int:
@@ -262,7 +406,9 @@ def prepare(job: PredictJob) -> PreparedJob:
         # Sliding windows straddle any grid, so the chunk need not follow the tile.
         chunk = o.chunk or 1024
     else:
-        chunk = o.chunk or default_chunk(plan.y.tile if max(height, width) < t.tile else t.tile)
+        # From the tile asked for, not the plan's: for an image smaller than the tile the plan
+        # shrinks its window, but a chunk of whole tiles still holds the image in one unit.
+        chunk = o.chunk or default_chunk(t.tile)
         if chunk >= t.tile:
             _require_multiple(
                 "output.chunk", chunk, "the tile", t.tile, " so that no window is computed twice"
@@ -336,7 +482,27 @@ def load_weights(model: nn.Module, job: PredictJob, in_channels: int) -> None:
         raise ConfigError(
             f"weights '{m.weights}' do not fit arch '{m.arch}' with {in_channels} input "
             f"channels and {m.num_classes} classes: {' '.join(first)}"
+            f"{_channels_hint(model, state, in_channels, job)}"
         ) from None
+
+
+def _channels_hint(model: nn.Module, state: Any, in_channels: int, job: PredictJob) -> str:
+    """A pointer to input.axes when the weights take another number of input channels than the
+    input gives: the first convolution's input width, in the weights against the network built
+    for the input. Reading the bands as rows (axes yxc for a CYX array) is the usual cause."""
+    for key, tensor in model.state_dict().items():
+        if tensor.ndim == 4:  # the first convolution's kernel: (out, in, kh, kw)
+            theirs = state.get(key) if isinstance(state, dict) else None
+            if theirs is None or theirs.ndim != 4 or theirs.shape[1] == tensor.shape[1]:
+                return ""
+            axes = job.input.axes
+            given = f"input.axes '{axes}'" if axes else "the axes read from its metadata"
+            return (
+                f" The weights take {theirs.shape[1]} input channels, but the input gives "
+                f"{in_channels} with {given}: check input.axes (cyx = bands first, yxc = bands "
+                f"last, yx = one band)."
+            )
+    return ""
 
 
 def build_model(job: PredictJob, in_channels: int) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Any, Literal
@@ -73,6 +74,66 @@ def _axes_from_names(names: list[str] | None) -> str | None:
         return None
     axes = "".join(m for m in mapped if m)
     return axes if axes in ("cyx", "yxc", "yx") else None
+
+
+def _plane_of(
+    names: list[Any] | None, shape: tuple[int, ...], location: str
+) -> tuple[tuple[int, ...], list[str] | None]:
+    """The dimensions to drop to get a 2-D image (with channels), and the names of the rest.
+
+    An OME-Zarr image is often 5-D (t, c, z, y, x) with a single time point and plane: when
+    the names say which dimensions are y and x (and c), every other one must have length 1,
+    and is read at index 0. Without such names nothing is dropped.
+    """
+    if not names or len(names) != len(shape) or any(n is None for n in names):
+        return (), None
+    mapped = [_AXIS_ALIASES.get(str(n).lower()) for n in names]
+    if "y" not in mapped or "x" not in mapped:
+        return (), None
+    others = tuple(k for k, m in enumerate(mapped) if m is None)
+    for k in others:
+        if shape[k] != 1:
+            index = ", ".join("0" if j in others else ":" for j in range(len(shape)))
+            raise InputError(
+                f"input '{location}' has a '{names[k]}' axis of length {shape[k]} (axes "
+                f"{', '.join(str(n) for n in names)}, shape {tuple(shape)}); only 2-D images, "
+                f"with or without channels, are segmented, so every axis other than c, y and x "
+                f"must have length 1. Save the plane to segment as its own Zarr array, e.g. "
+                f"array[{index}]."
+            )
+    return others, [str(n) for k, n in enumerate(names) if k not in others]
+
+
+class _Plane:
+    """A Zarr array seen without its singleton dimensions ``drop`` (an OME-Zarr image's t and
+    z): indexing it indexes those at 0, so reads still decode only the chunks they touch."""
+
+    def __init__(self, array: Any, drop: tuple[int, ...]) -> None:
+        self.base = array
+        self.drop = drop
+        keep = [k for k in range(len(array.shape)) if k not in drop]
+        self.shape = tuple(array.shape[k] for k in keep)
+        self.chunks = tuple(array.chunks[k] for k in keep)
+        self.ndim = len(keep)
+        self.dtype = array.dtype
+        self.path = array.path
+        self.attrs = array.attrs
+        self.metadata = array.metadata
+
+    def __getitem__(self, key: Any) -> Any:
+        given = iter(key if isinstance(key, tuple) else (key,))
+        full = tuple(
+            0 if k in self.drop else next(given, slice(None)) for k in range(len(self.base.shape))
+        )
+        return self.base[full]
+
+
+def _array_names(group: Any) -> list[str]:
+    """Names of the arrays directly in a group, sorted (for messages)."""
+    with warnings.catch_warnings():
+        # zarr warns about folders it does not know, such as a tilewise output's .tilewise/.
+        warnings.simplefilter("ignore")
+        return sorted(name for name, _ in group.arrays())
 
 
 class BlockCache:
@@ -185,48 +246,72 @@ class InputImage:
         node = open_node(self.location, "r", storage_options, "input store")
         self.scale: list[float] | None = None  # physical pixel size (y, x) from OME-Zarr
         self.group_attrs: dict[str, Any] = {}
-        meta_axes: str | None = None
+        meta_names: list[Any] | None = None  # axis names from the OME-Zarr metadata
         if isinstance(node, zarr.Group):
             self.group_attrs = dict(node.attrs)
             multiscales = _ome_multiscales(self.group_attrs)
             if array is not None:
                 node = self._child(node, array)
             elif multiscales:
-                node, meta_axes = self._level(node, multiscales[0], level)
+                node, meta_names = self._level(node, multiscales[0], level)
             else:
-                arrays = sorted(name for name, _ in node.arrays())
+                arrays = _array_names(node)
                 raise InputError(
                     f"input '{self.location}' is a Zarr group, not an image; name the array with "
                     f"input.array (arrays in it: {', '.join(arrays) or 'none'})."
                 )
+        elif array is not None:
+            raise InputError(
+                f"input.array ('{array}') names an array inside a Zarr group, but "
+                f"'{self.location}' is a single array; remove input.array."
+            )
         elif level != 0:
             raise InputError(
                 f"input.level ({level}) needs an OME-Zarr multiscale group, but "
                 f"'{self.location}' is a single array; remove input.level."
             )
-        self.array = node
         self.array_attrs = dict(node.attrs)
-        names = getattr(node.metadata, "dimension_names", None)
-        detected = meta_axes or _axes_from_names(list(names) if names else None)
-        ndim = len(node.shape)
+        dimension_names = getattr(node.metadata, "dimension_names", None)
+        names = meta_names or (list(dimension_names) if dimension_names else None)
+        full_shape = tuple(int(n) for n in node.shape)
+        all_names = names
+        drop: tuple[int, ...] = ()
+        if axes is None or len(axes) != len(full_shape):  # axes given for every dimension win
+            drop, names = _plane_of(all_names, full_shape, self.location)
+        # Reads index the dropped singleton axes (an OME-Zarr t and z) at 0.
+        self.array = _Plane(node, drop) if drop else node
+        detected = _axes_from_names(names)
+        ndim = len(self.array.shape)
         if axes is None:
             if detected is None:
+                if ndim not in (2, 3):
+                    raise InputError(
+                        f"cannot tell the axes of the {ndim}-D input {full_shape} from its "
+                        f"metadata; only 2-D images, with or without channels, are segmented. "
+                        f"Name its axes (OME-Zarr axes or Zarr dimension_names: y, x, c and "
+                        f"singleton others), or save it as a (C, H, W) array."
+                    )
                 if ndim != 2:
                     raise InputError(
-                        f"cannot tell the axes of the {ndim}-D input {tuple(node.shape)} from its "
+                        f"cannot tell the axes of the {ndim}-D input {full_shape} from its "
                         f"metadata; set input.axes to 'cyx' (bands first) or 'yxc' (bands last)."
                     )
                 detected = "yx"
             axes = detected  # type: ignore[assignment]
         assert axes is not None
         if len(axes) != ndim:
+            dropped = ""
+            if drop:
+                assert all_names is not None
+                singles = ", ".join(str(all_names[k]) for k in drop)
+                dropped = f" once its singleton {singles} axes are dropped"
             raise InputError(
                 f"input.axes '{axes}' has {len(axes)} axes but the input array has {ndim} "
-                f"dimensions (shape {tuple(node.shape)}); use "
+                f"dimensions{dropped} (shape {full_shape}); use "
                 f"{_AXES_FOR_NDIM.get(ndim, 'an array with 2 or 3 dimensions')}."
             )
         self.axes: Axes = axes
-        shape = tuple(int(n) for n in node.shape)
+        shape = tuple(int(n) for n in self.array.shape)
         if axes == "cyx":
             self._shape = shape
         elif axes == "yxc":
@@ -239,7 +324,7 @@ class InputImage:
         try:
             node = group[path]
         except KeyError:
-            arrays = sorted(name for name, _ in group.arrays())
+            arrays = _array_names(group)
             raise StoreNotFoundError(
                 f"array '{path}' (input.array) does not exist in '{self.location}'; "
                 f"arrays there: {', '.join(arrays) or 'none'}."
@@ -248,7 +333,9 @@ class InputImage:
             raise InputError(f"'{path}' in '{self.location}' is a group, not an array.")
         return node
 
-    def _level(self, group: Any, multiscale: dict[str, Any], level: int) -> tuple[Any, str | None]:
+    def _level(
+        self, group: Any, multiscale: dict[str, Any], level: int
+    ) -> tuple[Any, list[Any] | None]:
         datasets = multiscale.get("datasets", [])
         if not 0 <= level < len(datasets):
             raise InputError(
@@ -260,7 +347,7 @@ class InputImage:
             if transform.get("type") == "scale":
                 self.scale = [float(v) for v in transform["scale"][-2:]]
         self.multiscale = multiscale
-        return self._child(group, datasets[level]["path"]), _axes_from_names(names)
+        return self._child(group, datasets[level]["path"]), names or None
 
     @property
     def shape(self) -> tuple[int, int, int]:
