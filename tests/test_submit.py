@@ -531,6 +531,25 @@ def test_unreachable_cluster_and_missing_address_are_clear_errors(
     assert "error: cannot reach a Ray cluster at http://tilewise-head.invalid:8265" in err
 
 
+def test_a_dashboard_address_without_http_is_one_quick_error(
+    head: Head, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Without a scheme the SDK takes HOST:PORT for a GCS address and spent some 40 s, with
+    # Ray's C++ warnings, before failing on the dashboard's port.
+    (tmp_path / "in.zarr").symlink_to(data / "in.zarr")
+    job = _write_job(tmp_path)
+    bare = head.url.removeprefix("http://")
+    t0 = time.monotonic()
+    assert main(["submit", str(job), "--address", bare]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"error: --address {bare} answers HTTP")
+    assert f"Use --address {head.url}." in err
+    assert time.monotonic() - t0 < 15
+    dead = f"127.0.0.1:{_free_port()}"  # nothing listens: the GCS check says so at once
+    assert main(["submit", str(job), "--address", dead]) == 2
+    assert f"cannot reach a Ray cluster at '{dead}'" in capsys.readouterr().err
+
+
 def test_which_addresses_are_this_machine() -> None:
     assert _is_this_machine("http://127.0.0.1:8265")
     assert _is_this_machine("http://localhost:8265")

@@ -722,6 +722,29 @@ class _RuleError(ValueError):
 Problems = list[tuple[tuple[str | int, ...], str]]
 
 
+def _class_weight_problems(loss: Any, num_classes: int, where: tuple[str | int, ...]) -> Problems:
+    """One class weight per class in a cross-entropy loss (and in a sum's terms); the loss's
+    own keys and values are checked when it is built."""
+    if not isinstance(loss, Mapping):
+        return []
+    if loss.get("kind") == "sum" and isinstance(loss.get("terms"), list):
+        return [
+            problem
+            for i, term in enumerate(loss["terms"])
+            for problem in _class_weight_problems(term, num_classes, (*where, f"terms[{i}]"))
+        ]
+    weights = loss.get("class_weights")
+    if not isinstance(weights, list) or len(weights) == num_classes:
+        return []
+    return [
+        (
+            (*where, "class_weights"),
+            f"needs one weight per class ({num_classes}, model.num_classes); got "
+            f"{len(weights)}: {_show(weights)}.",
+        )
+    ]
+
+
 def _class_name_problems(model: ModelSpec | TrainModelSpec) -> Problems:
     """One name per class, when names are given (predict and train jobs alike)."""
     if model.class_names is None or len(model.class_names) == model.num_classes:
@@ -1473,8 +1496,13 @@ class TrainJob(BaseModel):
         try:
             build_loss(value, path="loss")
         except ConfigError as exc:
-            # build_loss names the dotted path itself; the location is added by the caller.
-            raise ValueError(str(exc).removeprefix("loss: ").removeprefix("loss")) from None
+            # build_loss names the dotted path itself ('loss.terms[0].kind: ...'): keep what
+            # follows 'loss' as the place within it (the caller adds 'loss').
+            head, _, message = str(exc).partition(": ")
+            if not head.startswith("loss") or not message:
+                head, message = "loss", str(exc)
+            within = head.removeprefix("loss").lstrip(".")
+            raise _RuleError([((within,) if within else (), message)]) from None
         return value
 
     @model_validator(mode="after")
@@ -1561,6 +1589,7 @@ class TrainJob(BaseModel):
                     f"{self.patch.background_class}.",
                 )
             )
+        problems.extend(_class_weight_problems(self.loss, model.num_classes, ("loss",)))
         metric = self.validation.metric
         if metric in _INSTANCE_METRICS:
             problems.append(

@@ -333,9 +333,41 @@ def _address_env_cleared() -> Iterator[None]:
         os.environ.update(saved)
 
 
+def _answers_http(address: str) -> bool:
+    """Whether HOST:PORT answers HTTP (as a Ray dashboard does; a GCS speaks gRPC), within 2 s.
+    A refusal such as 401 (a dashboard that wants the cluster's token) is an answer too."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{address}/api/version", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except Exception:  # refused, timed out, not HTTP: not a dashboard
+        return False
+
+
+def _check_gcs_form(address: str) -> None:
+    """A HOST:PORT address (no http://) is a GCS address to the SDK, which then spends 40 s and
+    Ray's C++ warnings on a dashboard port or a dead one: say which it is at once."""
+    if "://" in address or address.lower() in {"auto", "local"}:
+        return
+    if _answers_http(address):
+        raise ClusterError(
+            f"--address {address} answers HTTP, as the cluster's dashboard does, but without "
+            f"http:// an address is read as a GCS address (HEAD:6379). Use --address "
+            f"http://{address}."
+        )
+    from tilewise.pipeline.cluster import check_address
+
+    check_address(address)
+
+
 def _client(address: str) -> JobSubmissionClient:
     from ray.job_submission import JobSubmissionClient
 
+    _check_gcs_form(address)
     # The SDK logs every package upload and websocket close at INFO on stderr; what matters
     # to the user is printed here.
     for name in _SDK_LOGGERS:

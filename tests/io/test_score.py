@@ -208,6 +208,9 @@ def _mistakes(made: dict[str, Any], tmp: Path) -> list[tuple[str, str, str, str]
     from tilewise.io.ingest import ingest
 
     ingest(str(tmp / "scene.png"), str(tmp / "scene.zarr"))
+    shard = zarr.open_group(tmp / "shard.zarr", mode="w")  # a training shard: image + label
+    shard.create_array("image", data=np.zeros((3, H, W), np.uint8))
+    shard.create_array("label", data=truth)
     out, ref = str(made["root"] / "out.zarr"), str(made["root"] / "truth.tif")
     return [
         ("size", out, str(tmp / "small.tif"), f"are {H - 10} x {W} px but the output"),
@@ -220,6 +223,7 @@ def _mistakes(made: dict[str, Any], tmp: Path) -> list[tuple[str, str, str, str]
         ("an input", str(tmp / "scene.zarr"), ref, "is an image that `tilewise ingest` wrote"),
         ("no output", str(tmp / "none.zarr"), ref, "run its job first"),
         ("no labels file", out, str(tmp / "none.tif"), "does not exist; check the path"),
+        ("a shard", out, str(tmp / "shard.zarr"), f"e.g. '{tmp / 'shard.zarr'}/label'"),
     ]
 
 

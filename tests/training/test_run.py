@@ -171,10 +171,88 @@ def test_a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path: P
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_ctrl_c_on_ray_train_workers_says_interrupted_and_the_rerun_resumes(
+    tmp_path: Path,
+) -> None:
+    # Ray Train puts its own Ctrl-C handler in the driver, which ended the run with exit code 1
+    # and nothing said; it must read as the CLI's interruption, like an in-process run.
+    data = _job(tmp_path, steps=40, checkpoint={"every": 5}, validation={"every": 1000},
+                scaling={"workers": 1, "cpus_per_worker": 1}, patch={"size": 32},
+                batch_size=2)  # fmt: skip
+    path = tmp_path / "ctrl-c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "tilewise.cli", "run", str(path), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "runs/disks/metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= 12:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert out == "" and "interrupted; run the same command again to resume" in err
+    assert "Traceback" not in err
+    steps_done = len(log.read_text().splitlines())
+    assert 12 <= steps_done < 40, steps_done
+    # resumed in-process: where a run's steps are computed is not part of it
+    in_process = {**data, "scaling": {"workers": 0, "cpus_per_worker": 1}}
+    resumed = run_training(parse_job(in_process), progress=False)  # type: ignore[arg-type]
+    assert resumed.status == "complete"
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 41))
+
+
 def _write(tmp_path: Path, job: dict[str, Any]) -> Path:
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
+
+
+def test_a_changed_job_does_not_resume_or_reuse_the_run_of_another(tmp_path: Path) -> None:
+    data = _job(tmp_path, steps=4, checkpoint={"every": 2}, validation={"every": 2},
+                patch={"size": 32}, batch_size=2)  # fmt: skip
+    first = run_training(parse_job(data), progress=False)  # type: ignore[arg-type]
+    assert first.status == "complete" and first.steps == 4
+    run_dir = tmp_path / "runs/disks"
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    # what decides the weights changed: refused, and the run folder is left as it was
+    for change, words in [
+        ({"optimizer": {"name": "adam", "lr": 0.02}}, "optimizer.lr is 0.02 here but 0.01 in"),
+        ({"model": {**data["model"], "args": {"depth": 2, "base_width": 4}}},
+         "model.args.base_width is 4 here but 8 in the run"),
+        ({"steps": 2}, "has trained 4 steps already, more than the 2"),  # (longer: goes on)
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=words):
+            run_training(parse_job({**data, **change}), progress=False)  # type: ignore[arg-type]
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    # where it runs and how often it is checkpointed do not: the same run, already finished
+    moved = {**data, "checkpoint": {"every": 3}, "scaling": {"workers": 0, "cpus_per_worker": 2}}
+    assert run_training(parse_job(moved), progress=False).status == "complete (already)"  # type: ignore[arg-type]
+    # --overwrite starts the run afresh, as the changed job
+    changed = {**data, "steps": 2, "optimizer": {"name": "adam", "lr": 0.02}}
+    again = run_training(parse_job(changed), progress=False, overwrite=True)  # type: ignore[arg-type]
+    assert again.status == "complete" and again.steps == 2
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    manifest = yaml.safe_load((Path(again.package) / "model.yaml").read_text())
+    assert manifest["training"]["steps"] == 2
+    assert json.loads((run_dir / "job.json").read_text())["optimizer"]["lr"] == 0.02
+
+
+def test_a_sum_with_weighted_cross_entropy_trains_on_the_weight_maps(tmp_path: Path) -> None:
+    data = _job(tmp_path, steps=2, checkpoint={"every": 2}, validation={"every": 2},
+                patch={"size": 32}, batch_size=2,
+                loss={"kind": "sum", "terms": [{"kind": "weighted_cross_entropy"},
+                                               {"kind": "dice", "weight": 0.5}]})  # fmt: skip
+    for i in range(5):  # U-Net's weight maps in every shard
+        group = zarr.open_group(tmp_path / f"shards/s{i}.zarr", mode="r+")
+        group.create_array("weight", data=np.full((96, 96), 2.0, np.float32), chunks=(64, 64))
+    summary = run_training(parse_job(data), progress=False)  # type: ignore[arg-type]
+    assert summary.status == "complete" and summary.steps == 2
 
 
 def test_spec_rules_name_the_field(tmp_path: Path) -> None:
@@ -185,7 +263,15 @@ def test_spec_rules_name_the_field(tmp_path: Path) -> None:
     errors = job_errors(_write(tmp_path, bad))
     assert any("patch.size: 50 px is not a valid input size for arch 'unet'" in e for e in errors)
     errors = job_errors(_write(tmp_path, _job(tmp_path, loss={"kind": "dise"})))
-    assert len(errors) == 1 and "loss" in errors[0] and "dice" in errors[0]
+    assert len(errors) == 1 and "loss.kind: unknown loss kind 'dise'" in errors[0]
+    assert "dice" in errors[0]
+    weights = {"kind": "cross_entropy", "class_weights": [1.0]}
+    terms = {"kind": "sum", "terms": [{"kind": "dice"}, weights]}
+    errors = job_errors(_write(tmp_path, _job(tmp_path, loss=terms)))
+    assert errors == [
+        f"{tmp_path / 'job.yaml'}: loss.terms[1].class_weights: needs one weight per class (2, "
+        "model.num_classes); got 1: [1.0]."
+    ]
     no_shards = _job(tmp_path)
     no_shards["data"] = {"shards": []}
     assert any("data.shards" in e for e in job_errors(_write(tmp_path, no_shards)))
@@ -199,6 +285,10 @@ def test_spec_rules_name_the_field(tmp_path: Path) -> None:
         ("no_match", ConfigError, "match nothing"),
         ("patch", ConfigError, "does not fit"),
         ("workers", ConfigError, "more than the training shards"),
+        ("held_out_trained", ConfigError, "also training shards"),
+        ("normalize", ConfigError, r"normalize.std needs one value per band of the shards \(3\)"),
+        ("no_weight_maps", ConfigError, "needs a 'weight' array"),
+        ("address_in_process", ConfigError, "runs in-process"),
     ],
 )
 def test_bad_data_is_refused_before_any_worker_starts(
@@ -214,12 +304,20 @@ def test_bad_data_is_refused_before_any_worker_starts(
         data["data"]["shards"] = [str(tmp_path / "nowhere/*.zarr")]
     elif damage == "patch":
         data["patch"] = {"size": 128}
-    else:
+    elif damage == "held_out_trained":  # s4 is held out, but the pattern also trains on it
+        data["data"]["val_shards"] = [str(tmp_path / "shards/s4.zarr")]
+    elif damage == "normalize":
+        data["normalize"] = {"mean": [0.3, 0.3, 0.3], "std": [0.2, 0.2]}
+    elif damage == "no_weight_maps":  # a term of a sum needs the weight maps too
+        data["loss"] = {"kind": "sum", "terms": [{"kind": "dice"},
+                                                 {"kind": "weighted_cross_entropy"}]}  # fmt: skip
+    elif damage == "workers":
         data["scaling"] = {"workers": 5}
     job = parse_job(data)
     assert isinstance(job, TrainJob)
+    address = "127.0.0.1:1" if damage == "address_in_process" else None
     with pytest.raises(error, match=words):
-        run_training(job, progress=False)
+        run_training(job, progress=False, address=address)
     assert not (tmp_path / "runs").exists()  # nothing written
 
 

@@ -200,12 +200,30 @@ def _is_zarr(path: str) -> bool:
     )
 
 
+def _refuse_plain_group(path: str, role: str) -> None:
+    """A Zarr group that is not an OME-Zarr image (a training shard, say) holds several arrays:
+    the one meant is named in the path here (InputImage's advice names a job field)."""
+    import zarr
+
+    from tilewise.pipeline.stores import _ome_multiscales, open_node
+
+    node = open_node(path, "r", None, role)
+    if isinstance(node, zarr.Group) and not _ome_multiscales(dict(node.attrs)):
+        arrays = sorted(name for name, _ in node.arrays())
+        example = f", e.g. '{path.rstrip('/')}/{arrays[-1]}'" if arrays else ""
+        raise InputError(
+            f"{role} '{path}' is a Zarr group, not an image; give the array in it as part of "
+            f"the path{example} (arrays in it: {', '.join(arrays) or 'none'})."
+        )
+
+
 def open_raster(path: str, role: str) -> Raster:
     """The image or the label raster at ``path``: a file any ingest reader opens, or a Zarr
     array / OME-Zarr image (level 0)."""
     if not is_url(path) and not Path(path).exists():
         raise StoreNotFoundError(f"{role} '{path}' does not exist; check the path.")
     if _is_zarr(path):
+        _refuse_plain_group(path, role)
         image = InputImage(path)
         attrs = image.carried_attributes()
         transform = attrs.get("spatial:transform")

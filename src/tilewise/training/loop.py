@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from tilewise import models
-from tilewise.losses import WeightedCrossEntropy, build_loss
+from tilewise.losses import build_loss
 from tilewise.metrics import ConfusionMatrix
 from tilewise.models import TilingFacts
 from tilewise.spec import TrainJob
@@ -245,7 +245,8 @@ def train_loop(config: dict[str, Any]) -> None:
     else:
         net = model.to(device)
     criterion = None if instance else build_loss(job.loss).to(device)
-    weighted = isinstance(criterion, WeightedCrossEntropy)
+    # weighted_cross_entropy alone or as a term of a sum: the loader reads the weight maps
+    weighted = bool(getattr(criterion, "needs_weights", False))
     metric = validation_metric(job)
     normalizer = Normalizer(job.normalize, train_shards[0].dtype, in_channels)
 

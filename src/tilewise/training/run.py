@@ -6,11 +6,14 @@ counts, patch size), the train/validation split, the number of
 workers against the number of shards, and the initial weights. Then a ``TorchTrainer`` runs
 :func:`~tilewise.training.loop.train_loop` on ``scaling.workers`` workers (0 = in this process).
 Running the same job again (same ``name`` and ``storage``) resumes from its last checkpoint, which
-is Ray Train V2's resume-by-name; a finished run is not run again.
+is Ray Train V2's resume-by-name; a finished run is not run again. The run folder keeps the fields
+of the job that decide its weights (``job.json``): a changed job is refused rather than resumed
+from, or reported finished with, another job's checkpoints, unless ``overwrite`` starts it afresh.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -22,7 +25,16 @@ import numpy as np
 from tilewise.errors import ConfigError, TilewiseError
 from tilewise.spec import TrainJob
 
-__all__ = ["TrainSummary", "load_init", "prepare_training", "run_training"]
+__all__ = [
+    "TrainSummary",
+    "load_init",
+    "prepare_training",
+    "run_training",
+    "training_fingerprint",
+]
+
+#: The run folder's record of the job that started it (:func:`training_fingerprint`).
+RUN_RECORD = "job.json"
 
 
 @dataclass
@@ -137,6 +149,9 @@ def prepare_training(job: TrainJob) -> dict[str, Any]:
         if val_locations
         else []
     )
+    _check_held_out(train, val)
+    if not job.model.instance:
+        _check_weight_maps(job, train)
     bands = {s.shape[0] for s in train + val}
     if len(bands) > 1:
         raise ConfigError(
@@ -149,6 +164,14 @@ def prepare_training(job: TrainJob) -> dict[str, Any]:
             f"model.in_channels is {job.model.in_channels} but the shards have {in_channels} "
             f"bands; set model.in_channels: {in_channels} or leave it out."
         )
+    for name in ("mean", "std"):
+        values = getattr(job.normalize, name)
+        if values is not None and len(values) not in {1, in_channels}:
+            raise ConfigError(
+                f"normalize.{name} needs one value per band of the shards ({in_channels}), or "
+                f"one for all bands; got {len(values)}: {values}. Give the {name} of each band "
+                f"measured on the shards, or leave normalize.{name} out."
+            )
     workers = max(1, job.scaling.workers)
     if workers > len(train):
         raise ConfigError(
@@ -183,6 +206,111 @@ def prepare_training(job: TrainJob) -> dict[str, Any]:
     }
 
 
+def _check_held_out(train: list[Any], val: list[Any]) -> None:
+    """Refuse a validation shard that is also trained on: its figures would not be held out,
+    and the best weights would be chosen on training data."""
+    import os
+
+    from tilewise.pipeline.stores import is_url
+
+    def key(location: str) -> str:
+        return location.rstrip("/") if is_url(location) else os.path.realpath(location)
+
+    trained = {key(s.location) for s in train}
+    both = [s.location for s in val if key(s.location) in trained]
+    if both:
+        named = ", ".join(repr(loc) for loc in both[:3]) + (" ..." if len(both) > 3 else "")
+        raise ConfigError(
+            f"data.val_shards: {len(both)} validation shard(s) are also training shards "
+            f"(data.shards): {named}. Held-out shards must not be trained on, or the validation "
+            f"figures and the best weights are chosen on training data. Remove them from "
+            f"data.shards (e.g. a narrower pattern), or leave val_shards out to hold out "
+            f"val_fraction of the shards."
+        )
+
+
+def _check_weight_maps(job: TrainJob, train: list[Any]) -> None:
+    """A loss with U-Net's weighted cross-entropy needs every training shard's weight map."""
+    from tilewise.losses import build_loss
+
+    if not getattr(build_loss(job.loss), "needs_weights", False):
+        return
+    lacking = [s.location for s in train if not s.has_weight]
+    if lacking:
+        named = ", ".join(repr(loc) for loc in lacking[:3]) + (" ..." if len(lacking) > 3 else "")
+        raise ConfigError(
+            f"loss: weighted_cross_entropy needs a 'weight' array (U-Net's weight map) in every "
+            f"training shard; {len(lacking)} of {len(train)} have none: {named}. Cut the shards "
+            f"with `tilewise shards IMAGE OBJECT_IDS DEST --unet-weights`, or use a loss "
+            f"without weight maps (cross_entropy, dice)."
+        )
+
+
+def training_fingerprint(job: TrainJob) -> dict[str, Any]:
+    """The fields of a train job that decide its weights: all but where it runs and is kept
+    (``name``, ``storage``, ``package``, ``scaling``, ``checkpoint``, shard storage options,
+    the chunk cache, the validation batch) and its length (``steps``, ``epochs``). A run may
+    move between in-process and a cluster, change its checkpoint interval, or be made longer
+    (it goes on from its last checkpoint), and still be resumed."""
+    d = job.model_dump(mode="json")
+    for key in ("name", "storage", "package", "scaling", "checkpoint", "steps", "epochs"):
+        d.pop(key, None)
+    d["data"].pop("storage_options", None)
+    d["data"].pop("cache_mb", None)
+    d["validation"].pop("batch_size", None)
+    return d
+
+
+def _differences(given: Any, held: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """The dotted paths where two JSON values differ, with both values."""
+    if isinstance(given, dict) and isinstance(held, dict):
+        found: list[tuple[str, Any, Any]] = []
+        for key in sorted(set(given) | set(held), key=str):
+            found += _differences(given.get(key), held.get(key), f"{path}.{key}".lstrip("."))
+        return found
+    return [] if given == held else [(path or "(job)", given, held)]
+
+
+def _claim_run(job: TrainJob, root: str, total: int, *, overwrite: bool) -> None:
+    """Check that the run folder belongs to this job (or is new), and record the job in it.
+
+    Raises:
+        ConfigError: the folder holds a run of a different job, or one already trained past
+            ``total`` steps, and ``overwrite`` is not set; nothing in it is touched.
+    """
+    from tilewise.training.checkpoints import CheckpointStore
+
+    store = CheckpointStore(root, job.data.storage_options)
+    fs, record = store.fs, f"{store.base}/{RUN_RECORD}"
+    mine = training_fingerprint(job)
+    if overwrite and fs.exists(store.base):
+        fs.rm(store.base, recursive=True)
+    elif fs.exists(record):
+        held = json.loads(fs.cat_file(record))
+        changed = _differences(mine, held)
+        done = max(store.steps(), default=0)
+        if not changed and total < done:
+            raise ConfigError(
+                f"run '{job.run_name}' in '{job.storage}' has trained {done} steps already, more "
+                f"than the {total} this job asks for; a run cannot be made shorter. Ask for at "
+                f"least {done} steps (a longer run goes on from its last checkpoint), give this "
+                f"job another name, or use --overwrite to start run '{job.run_name}' afresh."
+            )
+        if not changed:
+            return
+        where, given, was = changed[0]
+        more = f" (and {len(changed) - 1} more: {', '.join(c[0] for c in changed[1:4])})"
+        raise ConfigError(
+            f"run '{job.run_name}' in '{job.storage}' was started by a different train job: "
+            f"{where} is {json.dumps(given)} here but {json.dumps(was)} in the run"
+            f"{more if len(changed) > 1 else ''}. Its checkpoints are left as they are. Run "
+            f"the job as it was to resume it, give this one another name to start a new run, "
+            f"or use --overwrite to start run '{job.run_name}' afresh."
+        )
+    fs.makedirs(store.base, exist_ok=True)
+    fs.pipe_file(record, json.dumps(mine, indent=1, sort_keys=True).encode())
+
+
 def _finished(job: TrainJob, total: int) -> bool:
     from tilewise.packages import load_manifest
 
@@ -195,14 +323,36 @@ def _finished(job: TrainJob, total: int) -> bool:
 
 
 def run_training(
-    job: TrainJob, *, address: str | None = None, progress: bool = True
+    job: TrainJob,
+    *,
+    address: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
 ) -> TrainSummary:
-    """Train to completion (resuming a previous run of the same name), write the package."""
+    """Train to completion (resuming a previous run of the same name), write the package.
+
+    Args:
+        job: the train job.
+        address: the Ray cluster of the workers (else ``scaling.address``, ``RAY_ADDRESS`` or an
+            embedded one); refused for an in-process run (``scaling.workers: 0``), which would
+            not use it.
+        progress: show the progress bar.
+        overwrite: start the run afresh, deleting the run folder of the same name, even of a
+            different job.
+    """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tilewise.training.loop import train_loop
 
+    s = job.scaling
+    if s.workers == 0 and (address or s.address):
+        given = f"--address {address}" if address else f"scaling.address {s.address}"
+        raise ConfigError(
+            f"{given}: this train job runs in-process (scaling.workers: 0), so it would not "
+            f"use a cluster. Set scaling.workers (or --workers) to the number of Ray Train "
+            f"workers to train on the cluster, or leave the address out."
+        )
     t0 = time.perf_counter()
     # Ray Train logs every report at INFO (in this process when workers is 0): the progress bar
     # and metrics.jsonl say it once.
@@ -221,7 +371,8 @@ def run_training(
         train_shards=len(config["train_shards"]),
         val_shards=len(config["val_shards"]),
     )
-    if _finished(job, total):
+    _claim_run(job, root, total, overwrite=overwrite)
+    if not overwrite and _finished(job, total):
         summary.status = "complete (already)"
         _fill_metrics(summary, job)
         return summary
@@ -251,10 +402,22 @@ def run_training(
                 failure_config=FailureConfig(max_failures=3),
             ),
         )
-        with _Progress(job, root, total, enabled=progress):
-            result = trainer.fit()
-        if result.error is not None:
-            raise result.error
+        try:
+            with _Progress(job, root, total, enabled=progress):
+                result = trainer.fit()
+            if result.error is not None:
+                raise result.error
+        except SystemExit:
+            # Ray Train's own Ctrl-C handler aborts the run, and the driver's wait then ends in
+            # SystemExit(1) with nothing said: report it as the interruption it is (resumable).
+            raise KeyboardInterrupt from None
+        except Exception as exc:
+            # A worker's user-facing error (a loss that does not fit the data...) arrives
+            # wrapped in Ray Train's WorkerGroupError and a RayTaskError: say it as one line.
+            mistake = _user_error(exc)
+            if mistake is None:
+                raise
+            raise mistake from None
         _write_package(job, config)
         _write_curves(job, root)
     finally:
@@ -265,6 +428,29 @@ def run_training(
     summary.seconds = round(time.perf_counter() - t0, 2)
     _fill_metrics(summary, job)
     return summary
+
+
+def _user_error(exc: BaseException) -> TilewiseError | None:
+    """The tilewise error a worker raised, found inside the errors Ray Train wraps it in."""
+    stack: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while stack:
+        error = stack.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)  # RayTaskError: the worker's own exception
+        if isinstance(cause, BaseException):
+            stack.append(cause)
+        elif isinstance(error, TilewiseError):
+            return error
+        stack.extend(getattr(error, "worker_failures", {}).values())
+        stack.extend(
+            e
+            for e in (getattr(error, "controller_failure", None), error.__cause__)
+            if isinstance(e, BaseException)
+        )
+    return None
 
 
 class _Progress:
@@ -289,6 +475,7 @@ class _Progress:
             self._thread.join()
 
     def _loop(self) -> None:
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -309,7 +496,8 @@ class _Progress:
             TextColumn("steps  loss {task.fields[loss]}  {task.fields[val]}"),
             TimeElapsedColumn(),
         )
-        with Progress(*columns, transient=False) as bar:
+        # On stderr: stdout carries only the summary (--json)
+        with Progress(*columns, transient=False, console=Console(stderr=True)) as bar:
             task = bar.add_task(self.job.run_name, total=self.total, loss="-", val="")
             while True:
                 stopping = self._stop.wait(1.0)
