@@ -586,6 +586,21 @@ def test_models_unknown_name(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Did you mean 'unet'?" in line
 
 
+def test_an_approximate_tiling_is_one_warning_line_not_a_python_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_input(tmp_path)
+    job = write_job(tmp_path, {"tiling": {"tile": 32, "halo": 10, "stitch": "blend"}})
+    code, _, err = cli(["run", "--plan", str(job)], capsys)
+    assert code == 0
+    said = [line for line in err.splitlines() if "halo 10 is below" in line]
+    assert said == [
+        "warning: halo 10 is below the 23 px that makes arch 'unet_same' exact: blended tiles "
+        "will differ slightly from whole-image inference."
+    ]  # once, although the job's validation and the plan both check the tiling
+    assert "TilingWarning" not in err and ".py:" not in err
+
+
 def test_log_warnings_print_as_warning_lines_once(capsys: pytest.CaptureFixture[str]) -> None:
     # What `tilewise run` logs while it runs (a stall, actors that cannot all start) reads like
     # the plan's warnings, and setting up twice (main called twice in one process) prints once.

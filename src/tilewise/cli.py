@@ -30,7 +30,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         if args.plan:
             raise ConfigError(f"--plan is for predict jobs; '{args.job}' is a train job.")
-        summary = run_training(job, address=args.address, progress=not args.no_progress)
+        if args.workers is not None:
+            if args.workers < 0:
+                raise ConfigError(
+                    f"--workers is the number of Ray Train workers of a train job, 0 to train "
+                    f"in-process; got {args.workers}."
+                )
+            scaling = job.scaling.model_copy(update={"workers": args.workers})
+            job = job.model_copy(update={"scaling": scaling})
+        summary = run_training(
+            job,
+            address=args.address,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
         print(json.dumps(summary.to_dict()) if args.json else "\n".join(summary.lines()))
         return 0
     if args.plan:
@@ -40,7 +53,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         plan: Any = (
             plan_detection(job, address=args.address, workers=args.workers)
             if job.model.instance
-            else plan_job(job, address=args.address, workers=args.workers)
+            else plan_job(job, address=args.address, workers=args.workers, overwrite=args.overwrite)
         )
         print(json.dumps(plan.to_dict()) if args.json else "\n".join(plan.lines()))
         return 0
@@ -145,6 +158,12 @@ def _cmd_preview(args: argparse.Namespace) -> int:
     info = write_preview(args.output, args.png, level=args.level, max_size=args.max_size)
     h, w = info.shape
     print(f"preview of level {info.level} ({h} x {w} px): {info.path}")
+    if not info.complete:
+        print(
+            f"warning: '{args.output}' is not complete (its run has not finished): what is not "
+            f"written yet shows as class 0. Run the job again to finish it.",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -356,8 +375,17 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job spec (resumes an interrupted run)")
     run.add_argument("job", help="YAML job spec")
     run.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or embedded)")
-    run.add_argument("--workers", type=int, help="predictor actors (default: one per GPU, or 1)")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    run.add_argument(
+        "--workers",
+        type=int,
+        help="predictor actors (default: one per GPU, or 1); for a train job, its "
+        "scaling.workers (0 = in-process)",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output; for a train job, start its run afresh",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--json", action="store_true", help="print the report as JSON")
     run.add_argument(
@@ -549,10 +577,37 @@ class _WarningLines(logging.Handler):
 
 
 def _show_warnings() -> None:
-    """tilewise's log warnings (a stalled run, actors that cannot all start) on stderr, once."""
+    """tilewise's log warnings (a stalled run, actors that cannot all start) on stderr, once;
+    and its Python warnings (an approximate blend halo) as the same ``warning: ...`` lines,
+    each once, rather than Python's "file:line: TilingWarning" with the source line."""
     logger = logging.getLogger("tilewise")
     if not any(isinstance(h, _WarningLines) for h in logger.handlers):
         logger.addHandler(_WarningLines(logging.WARNING))
+    import warnings
+
+    from tilewise.pipeline.geometry import TilingWarning
+
+    default = warnings.showwarning
+    if getattr(default, "tilewise", False):
+        return
+    said: set[str] = set()
+
+    def show(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        file: Any = None,
+        line: str | None = None,
+    ) -> None:
+        if not issubclass(category, TilingWarning):
+            default(message, category, filename, lineno, file, line)
+        elif str(message) not in said:  # validation and the run both check the tiling
+            said.add(str(message))
+            print(f"warning: {message}", file=sys.stderr)
+
+    show.tilewise = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import zarr
 from tests.conftest import write_input
 from tests.reference import whole_image
 from tilewise import models
-from tilewise.errors import InputError, OutputExistsError
+from tilewise.errors import ConfigError, InputError, OutputExistsError
 from tilewise.pipeline.driver import run_job
 from tilewise.spec import parse_job
 
@@ -118,9 +118,41 @@ def test_rerun_of_a_finished_job_does_nothing(tmp_path: Path) -> None:
     job = _job(tmp_path)
     run_job(job, progress=False)
     before = _digest(tmp_path / "out.zarr")
+    stored = dict(zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["tilewise"])
     again = run_job(job, progress=False)
     assert again.units_computed == 0 and again.units_skipped == again.units_total
     assert _digest(tmp_path / "out.zarr") == before
+    # the output keeps the report of the run that computed it, not the rerun's
+    kept = dict(zarr.open_group(tmp_path / "out.zarr", mode="r").attrs["tilewise"])
+    assert kept == stored and kept["report"]["units_computed"] == again.units_total
+
+
+def test_with_json_stdout_is_the_report_alone_even_with_the_progress_bar(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import yaml
+
+    from tilewise.cli import main
+
+    write_input(tmp_path / "in.zarr")
+    job = _job(tmp_path).model_dump(mode="json", exclude_none=True)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    assert main(["run", str(tmp_path / "job.yaml"), "--json"]) == 0  # the bar is on
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)  # nothing else on stdout: `| jq` works
+    assert report["units_computed"] == report["units_total"] == 9
+    assert "units" in captured.err  # the bar went to stderr
+
+
+def test_an_output_that_cannot_be_created_is_refused_before_any_is(tmp_path: Path) -> None:
+    write_input(tmp_path / "in.zarr")
+    (tmp_path / "a-file").write_text("not a folder")
+    job = _job(tmp_path, output__path=str(tmp_path / "a-file/out.zarr"))
+    with pytest.raises(ConfigError, match=r"a-file' is a file, not a folder"):
+        run_job(job, progress=False)
+    assert (tmp_path / "a-file").read_text() == "not a folder"
 
 
 def test_resume_computes_only_the_missing_units_and_gives_the_same_bytes(tmp_path: Path) -> None:

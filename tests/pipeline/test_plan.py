@@ -583,6 +583,15 @@ def test_resumed_output_plans_only_the_missing_units(tmp_path: Path) -> None:
     assert im.output_pixels == p.grid.unit(4).pixels + p.grid.unit(7).pixels
     assert _snapshot(out) == before
 
+    # --overwrite: the run deletes the output, so the plan computes every unit
+    replaced = plan_job(job, overwrite=True).images[0]
+    assert (replaced.output_state, replaced.units_done, replaced.units_to_compute) == (
+        "replace",
+        0,
+        9,
+    )
+    assert replaced.output_pixels == fresh.output_pixels
+
     other = plan_job(_job(tmp_path, model__seed=4))  # another job, same output
     assert other.images[0].output_state == "foreign"
     assert any("another job" in w for w in other.warnings)

@@ -202,6 +202,13 @@ def test_preview_command_at_any_level_and_its_errors(
     assert "preview level 7 does not exist" in err and "0..2" in err
     with pytest.raises(InputError, match="not a tilewise output"):
         write_preview(str(tmp_path / "in.zarr"))
+    # an output whose run has not finished is drawn, and said to be incomplete
+    group = zarr.open_group(tmp_path / "out.zarr", mode="r+")
+    group.attrs["tilewise"] = {**group.attrs["tilewise"], "status": "running"}
+    assert main(["preview", str(tmp_path / "out.zarr"), str(png)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: '{tmp_path / 'out.zarr'}' is not complete")
+    assert not write_preview(str(tmp_path / "out.zarr"), str(png)).complete
 
 
 def test_levels_setting_is_checked(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from tilewise.errors import TilewiseError
 from tilewise.pipeline.cluster import cluster_address, join
 from tilewise.pipeline.job import PreparedJob, build_model, expand_images, prepare
-from tilewise.pipeline.output import OutputStore
+from tilewise.pipeline.output import STATUS_COMPLETE, OutputStore
 from tilewise.spec import ComputeSpec, PredictJob
 from tilewise.workers.predictor import UnitResult
 
@@ -246,6 +246,8 @@ class _Image:
     report: RunReport
     background: set[int]
     todo: list[int]
+    # complete before this run (a rerun of a finished job): its stored report is kept
+    finished: bool = False
 
 
 def _connect_actors(jobs: list[dict[str, Any]], layout: ActorLayout, prefetch: int) -> list[Any]:
@@ -431,10 +433,12 @@ def run_job(
     if job.model.weights:  # a weights file that does not fit fails here, before any output exists
         build_model(singles[0], prepared[0].in_channels)
     backgrounds = [_background_units(p) for p in prepared]
+    outputs = [OutputStore(p.job.output.path, p.job.output.storage_options) for p in prepared]
+    for out in outputs:  # every output can be created, before any is
+        out.check_location()
     images: list[_Image] = []
-    for p, background in zip(prepared, backgrounds, strict=True):
+    for p, background, out in zip(prepared, backgrounds, outputs, strict=True):
         j = p.job
-        out = OutputStore(j.output.path, j.output.storage_options)
         resumed = out.prepare(
             p.layout,
             fingerprint=p.fingerprint,
@@ -447,13 +451,16 @@ def run_job(
         # Handed out in bands (UnitGrid.band_order): an actor's next unit mostly shares the
         # input chunks it has just decoded.
         remaining = [k for k in p.grid.band_order() if k not in done]
-        images.append(_Image(p, out, report, background, remaining))
+        finished = (
+            resumed and not remaining and (out.state() or {}).get("status") == STATUS_COMPLETE
+        )
+        images.append(_Image(p, out, report, background, remaining, finished=finished))
     todo = [(i, k, k in im.background) for i, im in enumerate(images) for k in im.todo]
     if shuffle is not None:
         random.Random(shuffle).shuffle(todo)
     workers_used, device = 0, ""
     # The instance stage runs on Ray too, and decides itself whether a rerun has work left.
-    if todo or job.output.instances is not None:
+    if todo or (job.output.instances is not None and not all(im.finished for im in images)):
         started = _connect(address or job.compute.address)
         try:
             if todo:
@@ -498,8 +505,10 @@ def _finish(
     progress: bool = False,
 ) -> float:
     """Build what follows the units (pyramid levels, instances, previews), then mark every
-    image's output complete with its report; return the run's seconds."""
-    for im in images:
+    image's output complete with its report; return the run's seconds. An output that was
+    complete already is left as it is, its stored report included."""
+    unfinished = [im for im in images if not im.finished]
+    for im in unfinished:
         im.output.complete_levels()
         if im.prepared.job.output.instances is not None:
             im.report.instances = _instances(im, workers or requested_workers, progress)
@@ -514,12 +523,14 @@ def _finish(
                 max_size=preview.max_size,
                 alpha=preview.alpha,
                 storage_options=im.output.storage_options,
+                complete=True,  # every unit is written; the status follows below
             ).path
     # The levels and previews built at the end are part of the run's time.
     seconds = time.perf_counter() - t0
     for im in images:
         im.report.seconds = seconds
         im.report.workers, im.report.device = workers, device
+    for im in unfinished:
         im.output.mark_complete(im.report.to_dict())
     return seconds
 
@@ -610,6 +621,7 @@ def _run_with_progress(
     t0: float,
 ) -> tuple[int, str]:
     import ray
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -645,7 +657,9 @@ def _run_with_progress(
     start = time.perf_counter()
     jobs = [im.prepared.job.model_dump(mode="json") for im in images]
     written = 0
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    # On stderr, like every other progress line: stdout carries only the report (--json).
+    console = Console(stderr=True)
+    with Progress(*columns, disable=not progress, transient=False, console=console) as bar:
         task = bar.add_task(job.name or "job", total=len(todo), mpx=0.0)
 
         def on_done(result: UnitResult) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from tilewise.errors import OutputExistsError
+from tilewise.errors import ConfigError, OutputExistsError
 from tilewise.pipeline.chunkfiles import ChunkFiles
 from tilewise.pipeline.engine import Unit
 from tilewise.pipeline.postprocess import labels_from_scores, probabilities_from_scores
@@ -163,6 +164,32 @@ class OutputStore:
         )
 
     # -- lifecycle (driver) ------------------------------------------------------------------
+    def check_location(self) -> None:
+        """Refuse a local output that cannot be created: a file where one of its folders must be,
+        or a folder this process may not write in (checked before anything is created).
+
+        Raises:
+            ConfigError: naming the path, what is in the way and the fix.
+        """
+        if is_url(self.location):
+            return  # object stores have no folders; their credentials are checked on writing
+        path = os.path.abspath(self.location)
+        if os.path.lexists(path):
+            return  # whatever is there: prepare() refuses it unless it is this job's output
+        parent = os.path.dirname(path)
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise ConfigError(
+                f"output.path '{self.location}' cannot be created: '{parent}' is a file, not a "
+                f"folder. Choose an output.path in a folder."
+            )
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"output.path '{self.location}' cannot be created: this user may not write in "
+                f"'{parent}'. Choose an output.path in a folder you can write to."
+            )
+
     def state(self) -> dict[str, Any] | None:
         """The ``tilewise`` attributes of an output; ``{}`` for a foreign store; None if absent."""
         if not self.fs.exists(self.path):

@@ -394,7 +394,7 @@ class ImagePlan:
     """Input pixels the network would process for every unit of the image."""
     output_state: str
     """'none', 'resumable' (same job), 'complete' (same job, finished), 'foreign' (another job
-    or not tilewise), 'replace' (another job, output.overwrite set)."""
+    or not tilewise), 'replace' (--overwrite or output.overwrite: computed afresh)."""
     mask: str = ""
     host: list[MemoryItem] = field(default_factory=list)
     device: list[MemoryItem] = field(default_factory=list)
@@ -637,7 +637,7 @@ def _image_lines(im: ImagePlan, *, several: bool) -> list[str]:
         "complete": "output of this job is complete",
         "foreign": "output exists and belongs to another job: the run refuses it without "
         "--overwrite",
-        "replace": "output of another job exists and will be replaced (output.overwrite)",
+        "replace": "output exists and will be replaced: --overwrite or output.overwrite",
     }[im.output_state]
     window = (
         f"{im.window[0]}" if im.window[0] == im.window[1] else f"{im.window[0]} x {im.window[1]}"
@@ -714,11 +714,14 @@ def _output_state(job: PredictJob, fingerprint: str, units: int) -> tuple[str, s
     from tilewise.pipeline.output import OutputStore
 
     store = OutputStore(job.output.path, job.output.storage_options)
+    store.check_location()
     state = store.state()
     if state is None:
         return "none", set()
+    if job.output.overwrite:  # the run deletes it, even a resumable output of this job
+        return "replace", set()
     if state.get("fingerprint") != fingerprint:
-        return ("replace" if job.output.overwrite else "foreign"), set()
+        return "foreign", set()
     # The completion record decides, not the status: a run resumes whatever has no marker.
     done = {k for k in store.done_units() if 0 <= k < units}
     return ("complete" if len(done) == units else "resumable"), done
@@ -916,7 +919,13 @@ def _plan_image(
     return im
 
 
-def plan_job(job: PredictJob, *, address: str | None = None, workers: int | None = None) -> Plan:
+def plan_job(
+    job: PredictJob,
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+) -> Plan:
     """Plan a job without running it: units, windows, overlap, actors and memory per actor.
 
     Args:
@@ -925,6 +934,8 @@ def plan_job(job: PredictJob, *, address: str | None = None, workers: int | None
             one, the cluster's resources are read (connect, read, disconnect); without, this
             machine's CPUs and GPUs are used and no Ray is started.
         workers: predictor actors (overrides ``compute.workers``).
+        overwrite: plan the run of ``tilewise run --overwrite``: existing outputs are replaced,
+            so every unit is computed.
 
     Returns:
         The plan (:meth:`Plan.lines` for text, :meth:`Plan.to_dict` for JSON).
@@ -938,6 +949,11 @@ def plan_job(job: PredictJob, *, address: str | None = None, workers: int | None
     from tilewise.workers.predictor import precision_name
 
     singles = expand_images(job)
+    if overwrite:
+        singles = [
+            j.model_copy(update={"output": j.output.model_copy(update={"overwrite": True})})
+            for j in singles
+        ]
     joined, where = cluster_address(address, job.compute.address)
     resources = _cluster_resources(joined, where) if joined else _local_resources()
     layout = actor_layout(job.compute, cpus=resources.cpus, gpus=resources.gpus, workers=workers)

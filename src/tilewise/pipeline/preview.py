@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from tilewise.errors import InputError, StoreNotFoundError
-from tilewise.pipeline.output import OUTPUT_FIX, class_colours, output_state
+from tilewise.pipeline.output import OUTPUT_FIX, STATUS_COMPLETE, class_colours, output_state
 from tilewise.pipeline.stores import InputImage, is_url, local_path, open_node
 
 __all__ = ["PreviewInfo", "default_preview_path", "write_preview"]
@@ -32,6 +32,8 @@ class PreviewInfo:
     path: str
     level: int
     shape: tuple[int, int]
+    complete: bool = True
+    """False for an output whose run has not finished: units not yet written show as class 0."""
 
 
 def default_preview_path(output: str) -> str:
@@ -166,8 +168,12 @@ def write_preview(
     max_size: int = 2048,
     alpha: float = 0.55,
     storage_options: dict[str, Any] | None = None,
+    complete: bool | None = None,
 ) -> PreviewInfo:
     """Draw ``output``'s labels over its input at a pyramid level and save a PNG.
+
+    An output whose run has not finished may be drawn (to look at a long run as it goes): its
+    legend then says "incomplete", as :attr:`PreviewInfo.complete` does.
 
     Args:
         output: the tilewise output (local path or fsspec URI).
@@ -177,6 +183,8 @@ def write_preview(
         max_size: see ``level``.
         alpha: opacity of the label colours; class 0 is left untinted (the background).
         storage_options: fsspec options of the output.
+        complete: whether the output is complete; None = its recorded status says (the run
+            itself draws its preview once every unit is written, before it records that).
 
     Returns:
         The file, level and size drawn.
@@ -186,6 +194,8 @@ def write_preview(
     location = local_path(output).rstrip("/")
     root = open_node(location, "r", storage_options, "output", OUTPUT_FIX)
     state = output_state(root, location, "previews are drawn from")
+    if complete is None:
+        complete = state.get("status") == STATUS_COMPLETE
     labels, k, count = _labels_at(root, level, max_size)
     count = max(count, int(labels.max()) + 1 if labels.size else 1)
     names, colours = _classes(root, count)
@@ -208,9 +218,11 @@ def write_preview(
         draw.rectangle([x, 12, x + 16, 28], fill=tuple(int(c) for c in colour), outline="black")
         draw.text((x + 22, 14), name, fill="black")
         x += 22 + int(draw.textlength(name)) + 18
+    if not complete:
+        draw.text((x, 14), "incomplete: the run has not finished", fill="red")
     target = Path(png or default_preview_path(location))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.partial")
     canvas.save(tmp, format="PNG")
     tmp.replace(target)  # never a half-written PNG under the final name
-    return PreviewInfo(str(target), k, (h, w))
+    return PreviewInfo(str(target), k, (h, w), complete)
