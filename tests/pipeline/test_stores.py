@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zarr
 
-from tests.conftest import write_input
+from tests.conftest import write_input, write_ome5d
 from tilewise.demo import build_mosaic
 from tilewise.errors import InputError, StoreNotFoundError
 from tilewise.pipeline.output import OutputLayout, OutputStore
@@ -122,37 +122,13 @@ def test_a_damaged_chunk_is_an_input_error_that_names_where(
         image.read(32, 96, 60, 100)
 
 
-def _ome5d(path: Path, data: np.ndarray, chunks: tuple[int, ...]) -> None:
-    """An NGFF 0.5 image with axes t, c, z, y, x holding ``data`` (5-D) as level 0."""
-    names = ["t", "c", "z", "y", "x"]
-    types = ["time", "channel", "space", "space", "space"]
-    group = zarr.open_group(path, mode="w", zarr_format=3)
-    group.attrs["ome"] = {
-        "version": "0.5",
-        "multiscales": [
-            {
-                "axes": [{"name": n, "type": t} for n, t in zip(names, types, strict=True)],
-                "datasets": [
-                    {
-                        "path": "0",
-                        "coordinateTransformations": [
-                            {"type": "scale", "scale": [1.0, 1.0, 2.0, 0.25, 0.5]}
-                        ],
-                    }
-                ],
-            }
-        ],
-    }
-    group.create_array("0", data=data, chunks=chunks)  # axis names from the metadata only
-
-
 @pytest.mark.parametrize("axes", [None, "cyx"])
 def test_a_5d_ome_zarr_with_singleton_t_and_z_reads_as_its_plane(
     tmp_path: Path, axes: Axes | None
 ) -> None:
     rng = np.random.default_rng(2)
     plane = rng.integers(0, 60000, (3, 53, 71)).astype(np.uint16)
-    _ome5d(tmp_path / "img.ome.zarr", plane[None, :, None], (1, 2, 1, 16, 20))
+    write_ome5d(tmp_path / "img.ome.zarr", plane[None, :, None], (1, 2, 1, 16, 20))
     image = InputImage(str(tmp_path / "img.ome.zarr"), axes=axes)
     assert image.axes == "cyx" and image.shape == (3, 53, 71) and image.scale == [0.25, 0.5]
     assert image.block_shape == (16, 20)
@@ -167,7 +143,7 @@ def test_a_5d_ome_zarr_with_singleton_t_and_z_reads_as_its_plane(
 
 
 def test_a_5d_ome_zarr_with_several_planes_names_the_axis(tmp_path: Path) -> None:
-    _ome5d(tmp_path / "img.ome.zarr", np.zeros((1, 3, 4, 20, 20), np.uint8), (1, 3, 1, 20, 20))
+    write_ome5d(tmp_path / "img.ome.zarr", np.zeros((1, 3, 4, 20, 20), np.uint8), (1, 3, 1, 20, 20))
     with pytest.raises(
         InputError, match=r"'z' axis of length 4 .*only 2-D images.*array\[0, :, 0, :, :\]"
     ):

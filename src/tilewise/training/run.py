@@ -206,6 +206,11 @@ def prepare_training(job: TrainJob) -> dict[str, Any]:
     }
 
 
+def _first_few(locations: list[str]) -> str:
+    """Up to three locations, quoted, for a message."""
+    return ", ".join(repr(loc) for loc in locations[:3]) + (" ..." if len(locations) > 3 else "")
+
+
 def _check_held_out(train: list[Any], val: list[Any]) -> None:
     """Refuse a validation shard that is also trained on: its figures would not be held out,
     and the best weights would be chosen on training data."""
@@ -219,13 +224,12 @@ def _check_held_out(train: list[Any], val: list[Any]) -> None:
     trained = {key(s.location) for s in train}
     both = [s.location for s in val if key(s.location) in trained]
     if both:
-        named = ", ".join(repr(loc) for loc in both[:3]) + (" ..." if len(both) > 3 else "")
         raise ConfigError(
             f"data.val_shards: {len(both)} validation shard(s) are also training shards "
-            f"(data.shards): {named}. Held-out shards must not be trained on, or the validation "
-            f"figures and the best weights are chosen on training data. Remove them from "
-            f"data.shards (e.g. a narrower pattern), or leave val_shards out to hold out "
-            f"val_fraction of the shards."
+            f"(data.shards): {_first_few(both)}. Held-out shards must not be trained on, or "
+            f"the validation figures and the best weights are chosen on training data. Remove "
+            f"them from data.shards (e.g. a narrower pattern), or leave val_shards out to hold "
+            f"out val_fraction of the shards."
         )
 
 
@@ -237,12 +241,11 @@ def _check_weight_maps(job: TrainJob, train: list[Any]) -> None:
         return
     lacking = [s.location for s in train if not s.has_weight]
     if lacking:
-        named = ", ".join(repr(loc) for loc in lacking[:3]) + (" ..." if len(lacking) > 3 else "")
         raise ConfigError(
             f"loss: weighted_cross_entropy needs a 'weight' array (U-Net's weight map) in every "
-            f"training shard; {len(lacking)} of {len(train)} have none: {named}. Cut the shards "
-            f"with `tilewise shards IMAGE OBJECT_IDS DEST --unet-weights`, or use a loss "
-            f"without weight maps (cross_entropy, dice)."
+            f"training shard; {len(lacking)} of {len(train)} have none: {_first_few(lacking)}. "
+            f"Cut the shards with `tilewise shards IMAGE OBJECT_IDS DEST --unet-weights`, or "
+            f"use a loss without weight maps (cross_entropy, dice)."
         )
 
 
