@@ -38,7 +38,7 @@ from tilewise.models.detection import paste_masks
 from tilewise.models.maskrcnn import MaskRCNN, create_instance_model
 from tilewise.pipeline.instances import Obj, window_of
 from tilewise.pipeline.job import Normalizer, expand_images, load_weights, open_input, weights_stamp
-from tilewise.pipeline.output import STATUS_COMPLETE, OutputLayout, OutputStore, fingerprint_of
+from tilewise.pipeline.output import OutputLayout, OutputStore, fingerprint_of
 from tilewise.pipeline.stores import InputImage
 from tilewise.pipeline.units import UnitGrid
 from tilewise.spec import PredictJob
@@ -427,7 +427,7 @@ def _run_image(
         first_unit_seconds=0.0,
     )
     report.instances = stage.to_dict()
-    if not (resumed and not found and (out.state() or {}).get("status") == STATUS_COMPLETE):
+    if not (out.was_complete and not found):
         # a rerun of a finished job computes nothing and keeps the stored report
         out.complete_levels()
         out.mark_complete(report.to_dict())

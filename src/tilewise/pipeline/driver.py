@@ -20,7 +20,7 @@ from typing import Any
 from tilewise.errors import TilewiseError
 from tilewise.pipeline.cluster import cluster_address, join
 from tilewise.pipeline.job import PreparedJob, build_model, expand_images, prepare
-from tilewise.pipeline.output import STATUS_COMPLETE, OutputStore
+from tilewise.pipeline.output import OutputStore
 from tilewise.spec import ComputeSpec, PredictJob
 from tilewise.workers.predictor import UnitResult
 
@@ -451,9 +451,7 @@ def run_job(
         # Handed out in bands (UnitGrid.band_order): an actor's next unit mostly shares the
         # input chunks it has just decoded.
         remaining = [k for k in p.grid.band_order() if k not in done]
-        finished = (
-            resumed and not remaining and (out.state() or {}).get("status") == STATUS_COMPLETE
-        )
+        finished = out.was_complete and not remaining
         images.append(_Image(p, out, report, background, remaining, finished=finished))
     todo = [(i, k, k in im.background) for i, im in enumerate(images) for k in im.todo]
     if shuffle is not None:

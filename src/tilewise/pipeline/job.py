@@ -27,7 +27,7 @@ from tilewise.models.weights import load_state_file
 from tilewise.pipeline.engine import TilePlan, Unit
 from tilewise.pipeline.output import OutputLayout, fingerprint_of
 from tilewise.pipeline.pyramid import auto_levels
-from tilewise.pipeline.stores import InputImage, is_url, local_path
+from tilewise.pipeline.stores import InputImage, is_url, normalised_location
 from tilewise.pipeline.units import UnitGrid
 from tilewise.spec import NormalizeSpec, PredictJob, is_pattern
 
@@ -173,14 +173,6 @@ def expand_images(job: PredictJob) -> list[PredictJob]:
     return jobs
 
 
-def _normalised(location: str) -> str:
-    """A location as locations are compared: a local path resolved (``..``, symbolic links), a
-    URL as it is, without a trailing slash."""
-    if is_url(location) and not location.startswith("file://"):
-        return location.rstrip("/")
-    return os.path.realpath(local_path(location))
-
-
 def _lineage(location: str) -> list[Any]:
     """Keys of a location and of each folder holding it, itself first.
 
@@ -188,7 +180,7 @@ def _lineage(location: str) -> list[Any]:
     folder match even where the normalised strings differ (a case-insensitive file system);
     anything else by its normalised string.
     """
-    path = _normalised(location)
+    path = normalised_location(location)
     url = is_url(path)
     keys: list[Any] = []
     while True:
@@ -250,7 +242,7 @@ def _check_apart(jobs: list[PredictJob]) -> None:
             example = f"{stem}.seg.zarr"
             if len(jobs) > 1:
                 example = "{stem}.seg.zarr"
-            elif _normalised(j.output.path).endswith("/" + example):
+            elif normalised_location(j.output.path).endswith("/" + example):
                 example = f"{stem}.segmentation.zarr"
             raise ConfigError(
                 f"output.path '{j.output.path}' of image '{stem}' {relation} {whose}{where}: an "
@@ -265,14 +257,14 @@ def _without_own_outputs(found: list[str], job: PredictJob) -> list[str]:
     groups whose root attributes hold ``tilewise`` (what :class:`OutputStore` writes) at a
     location ``output.path`` names. A folder of images with their outputs beside them
     (``{stem}.seg.zarr``) is globbed again by every rerun."""
-    template = _normalised(job.output.path)
+    template = normalised_location(job.output.path)
     escaped = re.escape(template).replace(re.escape("{stem}"), "{stem}")
     first, *rest = escaped.split("{stem}")
     # The stem is one path part, the same wherever {stem} appears.
     pattern = re.compile(first + "(?P<stem>[^/]+)" + "(?P=stem)".join(rest) + r"\Z")
     kept = []
     for location in found:
-        if pattern.match(_normalised(location)) and _is_tilewise_output(location, job):
+        if pattern.match(normalised_location(location)) and _is_tilewise_output(location, job):
             log.info("input.path: leaving out %s, an output of this job", location)
             continue
         kept.append(location)

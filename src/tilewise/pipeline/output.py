@@ -157,6 +157,8 @@ class OutputStore:
         self._dense: dict[str, Any] = {}  # the same arrays, storing chunks equal to the fill
         # Their direct whole-chunk writers (chunkfiles.py; None where only zarr may write).
         self._files: dict[str, list[ChunkFiles | None]] = {}
+        # set by prepare(): it reopened this job's output, already marked complete
+        self.was_complete = False
 
     def _open(self, mode: Literal["r", "r+", "w"]) -> Any:
         return zarr.open_group(
@@ -219,6 +221,7 @@ class OutputStore:
         if state is not None and not overwrite:
             if state.get("fingerprint") == fingerprint:
                 self._group, self._arrays = self._open("r+"), None
+                self.was_complete = state.get("status") == STATUS_COMPLETE
                 return True
             owner = "a different job" if state else "something other than tilewise"
             raise OutputExistsError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import warnings
@@ -14,7 +15,15 @@ import zarr
 
 from tilewise.errors import InputError, StoreNotFoundError
 
-__all__ = ["Axes", "BlockCache", "InputImage", "is_url", "local_path", "read_blocked"]
+__all__ = [
+    "Axes",
+    "BlockCache",
+    "InputImage",
+    "is_url",
+    "local_path",
+    "normalised_location",
+    "read_blocked",
+]
 
 Axes = Literal["cyx", "yxc", "yx"]
 _AXES_FOR_NDIM = {2: "yx", 3: "cyx or yxc"}
@@ -29,6 +38,14 @@ def is_url(location: str) -> bool:
 def local_path(location: str) -> str:
     """``file://`` URLs as plain paths (zarr-python #2808: creating through file:// fails)."""
     return location[len("file://") :] if location.startswith("file://") else location
+
+
+def normalised_location(location: str) -> str:
+    """A location as locations are compared: a local path resolved (``..``, symbolic links), a
+    URL as it is, without a trailing slash."""
+    if is_url(location) and not location.startswith("file://"):
+        return location.rstrip("/")
+    return os.path.realpath(local_path(location))
 
 
 def _storage(location: str, options: dict[str, Any] | None) -> dict[str, Any]:

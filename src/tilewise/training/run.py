@@ -214,15 +214,10 @@ def _first_few(locations: list[str]) -> str:
 def _check_held_out(train: list[Any], val: list[Any]) -> None:
     """Refuse a validation shard that is also trained on: its figures would not be held out,
     and the best weights would be chosen on training data."""
-    import os
+    from tilewise.pipeline.stores import normalised_location
 
-    from tilewise.pipeline.stores import is_url
-
-    def key(location: str) -> str:
-        return location.rstrip("/") if is_url(location) else os.path.realpath(location)
-
-    trained = {key(s.location) for s in train}
-    both = [s.location for s in val if key(s.location) in trained]
+    trained = {normalised_location(s.location) for s in train}
+    both = [s.location for s in val if normalised_location(s.location) in trained]
     if both:
         raise ConfigError(
             f"data.val_shards: {len(both)} validation shard(s) are also training shards "
@@ -379,7 +374,6 @@ def run_training(
         summary.status = "complete (already)"
         _fill_metrics(summary, job)
         return summary
-    s = job.scaling
     started = False
     if s.workers > 0:
         from tilewise.pipeline.driver import _connect
